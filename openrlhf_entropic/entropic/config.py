@@ -1,0 +1,189 @@
+"""EntroPIC settings and the `--entropic.*` flags, defined once for both runtimes.
+
+Both CLIs (the embedded `cli.train` and the cluster `cli.train_ppo_ray`) call
+`add_entropic_args` and `EntroPICConfig.from_args`, so a flag means the same thing
+everywhere. Metric names that either runtime logs are defined here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+LOSS_MODES = ("high_prob", "all_tokens", "covariance")
+ESTIMATORS = ("on_policy", "importance_weighted")
+IW_LEVELS = ("prefix", "sequence")
+
+
+@dataclass
+class EntroPICConfig:
+    """Everything the EntroPIC controller, entropy estimate and loss need.
+
+    Field names are the flag names: `target_entropy` is `--entropic.target_entropy`.
+    """
+
+    enable: bool = field(default=False, metadata={"help": "Turn EntroPIC on (off = plain GRPO/PPO loss)."})
+    target_entropy: float = field(default=0.1, metadata={"help": "Target token entropy H* in nats (> 0)."})
+    target_start: float | None = field(
+        default=None, metadata={"help": "Start value of a linear target schedule; None = constant target."}
+    )
+    target_warmup_steps: int = field(
+        default=0, metadata={"help": "Controller updates over which the target moves from target_start to target."}
+    )
+    kp: float = field(default=1.0, metadata={"help": "Proportional gain on e = H - H*."})
+    ki: float = field(default=0.01, metadata={"help": "Integral gain on the running sum of e."})
+    alpha_max: float = field(default=1.0, metadata={"help": "Bound on |alpha|; 1 keeps both sample weights >= 0."})
+    mode: str = field(
+        default="high_prob",
+        metadata={"help": "Loss mode: high_prob (official), all_tokens, covariance.", "choices": LOSS_MODES},
+    )
+    high_prob_threshold: float = field(
+        default=0.95, metadata={"help": "high_prob mode: tokens whose current probability exceeds this."}
+    )
+    estimator: str = field(
+        default="importance_weighted",
+        metadata={
+            "help": "Entropy measured for the controller: on_policy (plain token mean) or "
+            "importance_weighted (corrects stale samples; equals the plain mean on fresh ones).",
+            "choices": ESTIMATORS,
+        },
+    )
+    iw_log_clip: float = field(
+        default=2.0, metadata={"help": "Truncation of the log prefix weight to [-c, c]."}
+    )
+    iw_level: str = field(
+        default="prefix",
+        metadata={"help": "Importance weight per token prefix or per whole sequence.", "choices": IW_LEVELS},
+    )
+    min_ess_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Blend toward the plain mean as ESS/tokens falls below this; 0 = never blend."},
+    )
+    max_staleness: int | None = field(
+        default=None, metadata={"help": "Drop samples more than this many policy versions old (None = keep all)."}
+    )
+    entropy_chunk_size: int = field(
+        default=1024, metadata={"help": "Token rows per chunk when computing entropy from logits."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a readable message on an impossible setting."""
+        if not math.isfinite(self.target_entropy) or self.target_entropy <= 0:
+            raise ValueError(f"--entropic.target_entropy must be > 0, got {self.target_entropy}")
+        if self.target_start is not None and not self.target_start > 0:
+            raise ValueError(f"--entropic.target_start must be > 0, got {self.target_start}")
+        if self.target_warmup_steps < 0:
+            raise ValueError(f"--entropic.target_warmup_steps must be >= 0, got {self.target_warmup_steps}")
+        if not 0 < self.alpha_max <= 1:
+            raise ValueError(f"--entropic.alpha_max must be in (0, 1], got {self.alpha_max}")
+        if self.kp < 0 or self.ki < 0:
+            raise ValueError(f"--entropic.kp and --entropic.ki must be >= 0, got {self.kp}, {self.ki}")
+        if self.mode not in LOSS_MODES:
+            raise ValueError(f"--entropic.mode must be one of {LOSS_MODES}, got {self.mode!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"--entropic.estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.iw_level not in IW_LEVELS:
+            raise ValueError(f"--entropic.iw_level must be one of {IW_LEVELS}, got {self.iw_level!r}")
+        if not 0 < self.high_prob_threshold < 1:
+            raise ValueError(f"--entropic.high_prob_threshold must be in (0, 1), got {self.high_prob_threshold}")
+        if not self.iw_log_clip > 0:
+            raise ValueError(f"--entropic.iw_log_clip must be > 0, got {self.iw_log_clip}")
+        if not 0 <= self.min_ess_fraction <= 1:
+            raise ValueError(f"--entropic.min_ess_fraction must be in [0, 1], got {self.min_ess_fraction}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"--entropic.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.entropy_chunk_size < 1:
+            raise ValueError(f"--entropic.entropy_chunk_size must be >= 1, got {self.entropy_chunk_size}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides) -> EntroPICConfig:
+        """Build from a namespace filled by `add_entropic_args` (flat dotted or nested `args.entropic`).
+
+        `overrides` are preset values; a flag the user typed wins over them.
+        """
+        nested = getattr(args, "entropic", None)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if isinstance(nested, argparse.Namespace) and hasattr(nested, f.name):
+                value = getattr(nested, f.name)
+            else:
+                value = getattr(args, f"entropic.{f.name}", None)
+            if value is not None:  # None = the user did not type the flag
+                values[f.name] = value
+            elif f.name in overrides:
+                values[f.name] = overrides[f.name]
+        return cls(**values)
+
+
+def _str2bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_entropic_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add every `--entropic.<field>` flag of EntroPICConfig to `parser`.
+
+    Defaults are left as None so that `EntroPICConfig.from_args` can tell a typed flag from
+    a preset; the dataclass default is shown in the help. `--entropic.enable` works both as
+    a bare switch and as `--entropic.enable false`.
+    """
+    group = parser.add_argument_group("EntroPIC (shared by the embedded and cluster runtimes)")
+    defaults = EntroPICConfig()
+    for f in dataclasses.fields(EntroPICConfig):
+        flag = f"--entropic.{f.name}"
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.name == "enable":
+            group.add_argument(flag, dest=flag[2:], nargs="?", const=True, default=None, type=_str2bool, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
+        if "None" in f.type:
+            kind = _optional(kind)
+        group.add_argument(
+            flag, dest=flag[2:], type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
+        )
+    return group
+
+
+# Names of every logged metric, in one place. TensorBoard tags use them as written;
+# metrics.jsonl uses the part after the slash.
+class Metric:
+    ALPHA = "entropic/alpha"
+    ENTROPY = "entropic/entropy"
+    ENTROPY_IW = "entropic/entropy_iw"
+    ENTROPY_TARGET = "entropic/target_entropy"
+    ESS = "entropic/ess"
+    ESS_FRACTION = "entropic/ess_fraction"
+    P_TERM = "entropic/p_term"
+    I_TERM = "entropic/i_term"
+    NONFINITE_SKIPPED = "entropic/nonfinite_skipped"
+    ADJUSTED_FRACTION = "entropic/adjusted_fraction"
+    POS_WEIGHT = "entropic/pos_weight_mean"
+    NEG_WEIGHT = "entropic/neg_weight_mean"
+    CLIP_FRACTION = "train/clip_fraction"
+    POLICY_LOSS = "train/policy_loss"
+    STALENESS_MEAN = "rollout/staleness_mean"
+    STALENESS_MAX = "rollout/staleness_max"
+    DROPPED_STALE = "rollout/dropped_stale"
+    REWARD_MEAN = "rollout/reward_mean"
+    SAMPLES_PER_SECOND = "perf/samples_per_second"
+    EVAL_ENTROPY_TRUE = "eval/entropy_true"
+    EVAL_PASS_AT_1 = "eval/pass_at_1"
+    EVAL_PASS_AT_K = "eval/pass_at_k"

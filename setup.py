@@ -1,0 +1,31 @@
+"""openrlhf-entropic: EntroPIC entropy control for on-policy and async off-policy RL of LLMs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="openrlhf-entropic",
+    version="0.1.0",
+    description="PI-controlled policy entropy (EntroPIC) for OpenRLHF, on-policy and async off-policy",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["openrlhf_entropic", "openrlhf_entropic.*"]),
+    python_requires=">=3.10",
+    # torch is left unpinned so a cluster image keeps its CUDA build; on CPU the Makefile
+    # installs torch==2.13.0 first, and these pins are the ones OpenRLHF 0.11.2 uses.
+    install_requires=[
+        "torch>=2.4",
+        "transformers==5.15.0",
+        "ray==2.55.0",
+        "deepspeed==0.19.6",
+        "safetensors",
+        "tensorboard",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "pyarrow",
+    ],
+    extras_require={
+        "gpu": ["openrlhf==0.11.2", "vllm==0.29.0", "flash-attn==2.8.3", "ray[default]==2.55.0"],
+        "test": ["pytest", "hypothesis", "ruff"],
+    },
+)
