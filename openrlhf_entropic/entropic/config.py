@@ -50,9 +50,7 @@ class EntroPICConfig:
             "choices": ESTIMATORS,
         },
     )
-    iw_log_clip: float = field(
-        default=2.0, metadata={"help": "Truncation of the log prefix weight to [-c, c]."}
-    )
+    iw_log_clip: float = field(default=2.0, metadata={"help": "Truncation of the log prefix weight to [-c, c]."})
     iw_level: str = field(
         default="prefix",
         metadata={"help": "Importance weight per token prefix or per whole sequence.", "choices": IW_LEVELS},

@@ -1,0 +1,156 @@
+"""The EntroPIC proportional-integral controller.
+
+Sign convention (as in the official release): the error is `e = H - H*`, so e > 0 means the
+policy has too much entropy, and a positive alpha lowers entropy (positive samples weigh more).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .config import EntroPICConfig
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum `values` [n] over all data-parallel ranks (torch.distributed, any backend).
+
+    Pass it as `reduce_fn` so that every rank feeds the controller the same token-weighted
+    entropy and therefore holds the same integral and alpha.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    # NCCL needs the tensor on the rank's GPU; gloo takes CPU tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    summed = values.detach().to(device=device, dtype=torch.float64).clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(values.device)
+
+
+class EntroPICController:
+    """PI controller that maps measured entropy to the loss coefficient alpha in [-alpha_max, alpha_max].
+
+    alpha = clip(kp * e + ki * I, -alpha_max, alpha_max), with e = H - H*(step), and the integral
+    I of past errors updated after alpha is computed. Anti-windup: |ki * I| is clamped to
+    alpha_max, and I does not grow while alpha is saturated in the direction e pushes it.
+    A NaN/inf measurement leaves the state untouched, is counted, and keeps the last alpha.
+    """
+
+    def __init__(
+        self,
+        target_entropy: float,
+        kp: float = 1.0,
+        ki: float = 0.01,
+        alpha_max: float = 1.0,
+        target_start: float | None = None,
+        target_warmup_steps: int = 0,
+        reduce_fn: ReduceFn | None = None,
+    ) -> None:
+        # The config's validation is the one source of the rules for these numbers.
+        EntroPICConfig(
+            target_entropy=target_entropy,
+            kp=kp,
+            ki=ki,
+            alpha_max=alpha_max,
+            target_start=target_start,
+            target_warmup_steps=target_warmup_steps,
+        )
+        self.target_entropy = float(target_entropy)
+        self.kp = float(kp)
+        self.ki = float(ki)
+        self.alpha_max = float(alpha_max)
+        self.target_start = None if target_start is None else float(target_start)
+        self.target_warmup_steps = int(target_warmup_steps)
+        self.reduce_fn = reduce_fn
+        self.integral = 0.0
+        self.alpha = 0.0
+        self.p_term = 0.0
+        self.i_term = 0.0
+        self.last_entropy = float("nan")
+        self.steps = 0  # finite measurements integrated so far; drives the target schedule
+        self.nonfinite_skipped = 0
+
+    @classmethod
+    def from_config(cls, config: EntroPICConfig, reduce_fn: ReduceFn | None = None) -> EntroPICController:
+        """Build a controller from the shared `--entropic.*` settings."""
+        return cls(
+            target_entropy=config.target_entropy,
+            kp=config.kp,
+            ki=config.ki,
+            alpha_max=config.alpha_max,
+            target_start=config.target_start,
+            target_warmup_steps=config.target_warmup_steps,
+            reduce_fn=reduce_fn,
+        )
+
+    @property
+    def target(self) -> float:
+        """The target for the next update: linear from target_start to target_entropy, then constant."""
+        if self.target_start is None or self.steps >= self.target_warmup_steps:
+            return self.target_entropy
+        fraction = self.steps / self.target_warmup_steps
+        return self.target_start + fraction * (self.target_entropy - self.target_start)
+
+    def update(self, entropy: float | torch.Tensor, weight: float | torch.Tensor = 1.0) -> float:
+        """Take one entropy measurement (nats; `weight` = its token count) and return the new alpha.
+
+        With a `reduce_fn`, the measurement is first averaged over ranks, weighted by `weight`.
+        """
+        entropy_value = float(entropy.detach().double()) if isinstance(entropy, torch.Tensor) else float(entropy)
+        weight_value = float(weight.detach().double()) if isinstance(weight, torch.Tensor) else float(weight)
+        if self.reduce_fn is not None:
+            # A NaN on any rank makes the sum NaN everywhere, so all ranks skip together.
+            summed = self.reduce_fn(torch.tensor([entropy_value * weight_value, weight_value], dtype=torch.float64))
+            entropy_value = float(summed[0] / summed[1]) if float(summed[1]) > 0 else float("nan")
+        if not math.isfinite(entropy_value):
+            self.nonfinite_skipped += 1
+            return self.alpha
+
+        target = self.target
+        error = entropy_value - target
+        p_term = self.kp * error
+        i_term = self.ki * self.integral
+        unclipped = p_term + i_term
+        alpha = min(max(unclipped, -self.alpha_max), self.alpha_max)
+
+        # Conditional integration: while alpha is pinned at a bound, errors that push further
+        # into that bound are not accumulated (they would only have to be unwound later).
+        saturated_same_way = abs(unclipped) >= self.alpha_max and error * unclipped > 0
+        if not saturated_same_way:
+            self.integral += error
+        if self.ki > 0:
+            limit = self.alpha_max / self.ki
+            self.integral = min(max(self.integral, -limit), limit)
+
+        self.alpha, self.p_term, self.i_term = alpha, p_term, i_term
+        self.last_entropy = entropy_value
+        self.steps += 1
+        return alpha
+
+    def state_dict(self) -> dict:
+        """Plain-data state (floats and ints only), safe for any checkpoint format."""
+        return {
+            "integral": self.integral,
+            "alpha": self.alpha,
+            "p_term": self.p_term,
+            "i_term": self.i_term,
+            "last_entropy": self.last_entropy,
+            "steps": self.steps,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned; gains and target come from the constructor."""
+        self.integral = float(state["integral"])
+        self.alpha = float(state["alpha"])
+        self.p_term = float(state["p_term"])
+        self.i_term = float(state["i_term"])
+        self.last_entropy = float(state["last_entropy"])
+        self.steps = int(state["steps"])
+        self.nonfinite_skipped = int(state["nonfinite_skipped"])
