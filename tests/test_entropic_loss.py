@@ -1,0 +1,144 @@
+"""EntroPIC policy loss: exact PPO at alpha = 0, and gradients with the stated coefficients."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openrlhf_entropic.entropic import entropic_policy_loss, entropy_from_logits
+
+MODES = ["high_prob", "all_tokens", "covariance"]
+
+
+def plain_ppo_loss(log_probs, old_log_probs, advantages, mask, clip_eps=0.2):
+    """Reference clipped PPO loss, token mean over the mask."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    objective = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    return (-objective * mask).sum() / mask.sum()
+
+
+def random_batch(seed, batch=4, seq=6, vocab=5, peaked=False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, seq, vocab, generator=generator) * (8.0 if peaked else 1.5)
+    tokens = torch.multinomial(torch.softmax(logits, -1).reshape(-1, vocab), 1, generator=generator).reshape(batch, seq)
+    log_probs = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = entropy_from_logits(logits)
+    old_log_probs = log_probs + 0.3 * torch.randn(batch, seq, generator=generator)
+    advantages = torch.randn(batch, generator=generator).unsqueeze(-1).expand(batch, seq).contiguous()
+    mask = (torch.rand(batch, seq, generator=generator) > 0.2).float()
+    mask[:, 0] = 1.0
+    return log_probs, old_log_probs, advantages, mask, entropy
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), mode=st.sampled_from(MODES))
+def test_alpha_zero_is_exactly_plain_ppo(seed, mode):
+    log_probs, old_log_probs, advantages, mask, entropy = random_batch(seed)
+    loss, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, alpha=0.0, mode=mode, entropy=entropy)
+    assert torch.equal(loss, plain_ppo_loss(log_probs, old_log_probs, advantages, mask))
+
+
+def gradient(mode, alpha, log_probs, advantages, mask, entropy, **kwargs):
+    log_probs = log_probs.clone().requires_grad_(True)
+    loss, metrics = entropic_policy_loss(
+        log_probs, log_probs.detach(), advantages, mask, alpha=alpha, mode=mode, entropy=entropy, **kwargs
+    )
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    return grad, metrics
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), alpha=st.floats(-1.0, 1.0), peaked=st.booleans())
+def test_gradients_carry_the_stated_coefficients(seed, alpha, peaked):
+    # With old == current every ratio is 1 (no clipping): d loss / d log p_t = -A_t * w_t / N.
+    log_probs, _, advantages, mask, entropy = random_batch(seed, peaked=peaked)
+    n = mask.sum()
+    sign = torch.sign(advantages)
+
+    grad, _ = gradient("all_tokens", alpha, log_probs, advantages, mask, entropy)
+    torch.testing.assert_close(grad, -advantages * (1 + alpha * sign) * mask / n)
+
+    grad, _ = gradient("covariance", alpha, log_probs, advantages, mask, entropy)
+    weight = 1 + alpha * sign * torch.sign(log_probs + entropy)
+    torch.testing.assert_close(grad, -advantages * weight * mask / n)
+
+    grad, metrics = gradient("high_prob", alpha, log_probs, advantages, mask, entropy, high_prob_threshold=0.6)
+    high = (log_probs.exp() > 0.6).float() * mask
+    expected = -advantages * mask / n - alpha * advantages.abs() * high / high.sum().clamp(min=1)
+    torch.testing.assert_close(grad, expected)
+    assert metrics["adjusted_fraction"].item() == pytest.approx((high.sum() / n).item())
+
+
+def test_weights_do_not_revive_clipped_tokens_but_high_prob_term_uses_the_unclipped_ratio():
+    log_probs = torch.tensor([[-0.01, -0.01]], requires_grad=True)
+    old_log_probs = torch.tensor([[-1.0, -0.01]])  # token 0: ratio e^0.99, clipped for A > 0
+    advantages = torch.tensor([1.0])
+    mask = torch.ones(1, 2)
+    for mode in ("all_tokens", "covariance"):
+        loss, metrics = entropic_policy_loss(
+            log_probs, old_log_probs, advantages, mask, 0.5, mode=mode, entropy=torch.full((1, 2), 0.1)
+        )
+        (grad,) = torch.autograd.grad(loss, log_probs)
+        assert grad[0, 0] == 0.0 and grad[0, 1] == pytest.approx(-1.5 / 2)
+        assert metrics["clip_fraction"].item() == 0.5
+    loss, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, 0.5, mode="high_prob")
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    ratio = torch.exp(log_probs - old_log_probs).detach()
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -0.5]]) - 0.5 * ratio / 2)
+
+
+def test_covariance_reduces_to_all_tokens_when_tokens_are_high_probability():
+    log_probs, old_log_probs, advantages, mask, entropy = random_batch(7, peaked=True)
+    keep = ((log_probs + entropy) > 0).all(dim=-1)  # sequences where every token is likelier than typical
+    assert keep.sum() >= 1
+    args = (log_probs[keep], old_log_probs[keep], advantages[keep], mask[keep])
+    covariance, _ = entropic_policy_loss(*args, 0.7, mode="covariance", entropy=entropy[keep])
+    all_tokens, _ = entropic_policy_loss(*args, 0.7, mode="all_tokens")
+    torch.testing.assert_close(covariance, all_tokens)
+
+
+def test_metrics_report_weights_by_sign():
+    log_probs = torch.log(torch.tensor([[0.99, 0.5, 0.99, 0.99]]))
+    advantages = torch.tensor([[1.0, 1.0, -1.0, 0.0]])
+    mask = torch.ones(1, 4)
+    _, metrics = entropic_policy_loss(log_probs, log_probs, advantages, mask, 0.4, mode="high_prob")
+    assert metrics["adjusted_fraction"].item() == pytest.approx(0.75)
+    assert metrics["pos_weight_mean"].item() == pytest.approx((1.4 + 1.0) / 2)
+    assert metrics["neg_weight_mean"].item() == pytest.approx(0.6)
+    _, metrics = entropic_policy_loss(log_probs, log_probs, torch.ones(1, 4), mask, 0.4, mode="all_tokens")
+    assert torch.isnan(metrics["neg_weight_mean"])  # no negative token: undefined, not 0
+
+
+def test_dual_clip_bounds_negative_advantage_loss():
+    log_probs = torch.tensor([[2.0]])
+    old_log_probs = torch.tensor([[0.0]])  # ratio e^2 ~ 7.4
+    advantages = torch.tensor([-1.0])
+    mask = torch.ones(1, 1)
+    loss, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, 0.0, dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0)
+    loss, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, 0.5, mode="all_tokens", dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0 * 0.5)
+
+
+def test_sequence_level_aggregation_ignores_empty_responses():
+    log_probs = torch.zeros(3, 2, requires_grad=True)
+    advantages = torch.tensor([1.0, 2.0, 5.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    loss, _ = entropic_policy_loss(log_probs, log_probs.detach(), advantages, mask, 0.0, token_level=False)
+    assert loss.item() == pytest.approx(-(1.0 + 2.0) / 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "bogus"}, "mode"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"mode": "covariance"}, "entropy"),
+        ({"dual_clip": 0.5}, "dual_clip"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, message):
+    log_probs, old_log_probs, advantages, mask, _ = random_batch(0)
+    call = {"alpha": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        entropic_policy_loss(log_probs, old_log_probs, advantages, mask, **call)
