@@ -63,7 +63,7 @@ class EntroPICConfig:
         default=None, metadata={"help": "Drop samples more than this many policy versions old (None = keep all)."}
     )
     entropy_chunk_size: int = field(
-        default=1024, metadata={"help": "Token rows per chunk when computing entropy from logits."}
+        default=256, metadata={"help": "Token rows per chunk when computing entropy from logits."}
     )
 
     def __post_init__(self) -> None:

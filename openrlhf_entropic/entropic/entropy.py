@@ -22,11 +22,12 @@ def _accumulate_dtype(logits: torch.Tensor) -> torch.dtype:
 
 def _chunk_entropy(logits_chunk: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy [rows] and log-probs [rows, vocab] of a chunk of logits [rows, vocab], in fp32 or wider."""
-    scaled = logits_chunk.to(_accumulate_dtype(logits_chunk))
+    # One owned fp32 buffer turned into log-probs in place, plus one for the probabilities:
+    # two [rows, vocab] temporaries at most.
+    log_probs = logits_chunk.to(_accumulate_dtype(logits_chunk), copy=True)
     if temperature != 1.0:
-        scaled = scaled / temperature
-    log_probs = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
-    # H = -sum p log p; vecdot avoids another [rows, vocab] temporary.
+        log_probs.div_(temperature)
+    log_probs.sub_(torch.logsumexp(log_probs, dim=-1, keepdim=True))
     entropy = -torch.linalg.vecdot(log_probs.exp(), log_probs)
     return entropy, log_probs
 
@@ -67,7 +68,7 @@ class _ChunkedEntropy(torch.autograd.Function):
         return grad_logits.reshape(logits.shape), None, None
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 256) -> torch.Tensor:
     """Full-vocabulary entropy of softmax(logits / temperature) per position.
 
     logits: [batch, seq, vocab] (any float dtype, bf16 included). Returns [batch, seq] in fp32
