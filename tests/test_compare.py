@@ -1,0 +1,233 @@
+"""The compare CLI: its grid of training commands, failure handling, and the report it builds.
+
+Training runs are replaced by a fake train module (written below) that logs a known series, so
+these tests check compare's own logic in seconds; the real `cli.train` is tested on its own.
+"""
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+from torch.utils.tensorboard import SummaryWriter
+
+from openrlhf_entropic.cli.compare import build_grid, main, parse_args, train_command
+
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import argparse, json, sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode")
+    parser.add_argument("--max-staleness", type=int)
+    parser.add_argument("--entropic.enable", dest="enable")
+    parser.add_argument("--entropic.mode", dest="loss_mode", default="high_prob")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--output-dir")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--fail", default="")
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True)
+    (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
+    if args.fail == f"{args.enable}_{args.mode}_{args.seed}":
+        print("boom: simulated crash", file=sys.stderr)
+        sys.exit(3)
+    target, entropic = 0.2, args.enable == "true"
+    rows = []
+    for step in range(args.steps):
+        # EntroPIC holds the target (offset by the seed); GRPO's entropy collapses from 1.0.
+        entropy = (target if entropic else 0.9**step) + 0.01 * args.seed
+        rows.append({"step": step, "entropy": entropy, "alpha": 0.1 if entropic else 0.0, "reward_mean": 0.5,
+                     "samples_per_second": 8.0 if args.mode == "async" else 5.0,
+                     "staleness_mean": 0.0 if args.mode == "on_policy" else 1.5,
+                     "staleness_max": args.max_staleness, "target_entropy": target})
+        if step % 10 == 9:
+            rows.append({"step": step, "eval": True, "entropy_true": entropy, "pass_at_1": 0.3, "pass_at_k": 0.6})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\\n" for row in rows))
+    summary = {"pass_at_1": 0.3 + 0.1 * args.seed, "pass_at_k": 0.6, "k": 4, "seconds": 1.5,
+               "dropped_stale": 2 if args.mode == "async" else 0}
+    (out / "summary.json").write_text(json.dumps(summary))
+    """
+)
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return "fake_train"
+
+
+def table(report: str) -> dict[str, dict[str, str]]:
+    """The report's table as {field: {cell: text}}."""
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    names = [cell.strip() for cell in lines[0].strip("|").split("|")][1:]
+    parsed = {}
+    for line in lines[1:]:
+        field, *values = [cell.strip() for cell in line.strip("|").split("|")]
+        parsed[field] = dict(zip(names, values, strict=True))
+    return parsed
+
+
+def mean_of(text: str) -> float:
+    return float(text.split(" ± ")[0])
+
+
+def test_grid_and_commands():
+    assert [cell.name for cell in build_grid(None)] == [
+        "grpo_on_policy",
+        "entropic_on_policy",
+        "grpo_async",
+        "entropic_async",
+    ]
+    ablation = [cell.name for cell in build_grid(["high_prob", "covariance"])]
+    assert ablation == [
+        "grpo_on_policy",
+        "entropic-high_prob_on_policy",
+        "entropic-covariance_on_policy",
+        "grpo_async",
+        "entropic-high_prob_async",
+        "entropic-covariance_async",
+    ]
+    args, extra = parse_args(["--output-dir", "out", "--steps", "7", "--", "--num-learners", "2"])
+    on_policy, ablation_async = build_grid(None)[1], build_grid(["covariance"])[3]
+    assert train_command(on_policy, 3, Path("out/x/seed3"), args, extra) == [
+        sys.executable, "-m", "openrlhf_entropic.cli.train", "--mode", "on_policy", "--max-staleness", "0",
+        "--entropic.enable", "true", "--seed", "3", "--output-dir", "out/x/seed3", "--steps", "7",
+        "--num-learners", "2",
+    ]  # fmt: skip
+    args, extra = parse_args(["--max-staleness", "2"])
+    assert train_command(ablation_async, 0, Path("d"), args, extra) == [
+        sys.executable, "-m", "openrlhf_entropic.cli.train", "--mode", "async", "--max-staleness", "2",
+        "--entropic.enable", "true", "--entropic.mode", "covariance", "--seed", "0", "--output-dir", "d",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--runs", "a=b"], "add --report-only"),
+        (["--modes", "high_prob,bogus"], "unknown loss mode"),
+        (["--max-staleness", "0"], "must be >= 1"),
+        (["--report-only", "--", "--steps", "3"], "runs nothing"),
+        (["--target-entropy", "-1"], "must be > 0"),
+    ],
+)
+def test_impossible_flags_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_runs_the_grid_keeps_going_after_a_failure_and_reports(tmp_path, fake_train, capsys):
+    out = tmp_path / "out"
+    argv = ["--output-dir", str(out), "--seeds", "0,1", "--steps", "30", "--train-module", fake_train]
+    code = main([*argv, "--", "--fail", "true_async_1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "entropic_async seed1: exit code 3" in err and "boom: simulated crash" in err
+
+    # Every run got the passthrough flag; on-policy cells run at staleness 0, async ones at 4.
+    grpo_async = json.loads((out / "grpo_async" / "seed1" / "argv.json").read_text())
+    assert grpo_async[grpo_async.index("--max-staleness") + 1] == "4"
+    assert grpo_async[-2:] == ["--fail", "true_async_1"]
+    on_policy = json.loads((out / "entropic_on_policy" / "seed0" / "argv.json").read_text())
+    assert on_policy[on_policy.index("--max-staleness") + 1] == "0"
+
+    report = (out / "report.md").read_text()
+    rows = table(report)
+    assert rows["seeds"] == {"grpo_on_policy": "2", "entropic_on_policy": "2", "grpo_async": "2", "entropic_async": "1"}
+    # EntroPIC's entropy is 0.20 / 0.21 for seeds 0 / 1: mean 0.205, sample std 0.0071.
+    assert rows["entropy_final"]["entropic_on_policy"] == "0.205 ± 0.0071"
+    assert rows["entropy_final"]["entropic_async"] == "0.2 ± 0"
+    grpo_final = sum(0.9**s for s in range(20, 30)) / 10 + 0.005
+    assert mean_of(rows["entropy_final"]["grpo_on_policy"]) == pytest.approx(grpo_final, rel=1e-3)
+    assert mean_of(rows["entropy_initial"]["grpo_async"]) == pytest.approx(
+        sum(0.9**s for s in range(10)) / 10 + 0.005, rel=1e-3
+    )
+    assert rows["entropy_tracking_error"]["entropic_async"] == "0 ± 0"
+    assert rows["entropy_eval_tracking_error"]["entropic_on_policy"] == "0.025 ± 0.035"  # |0.2x - 0.2| / 0.2
+    assert rows["pass_at_1"]["grpo_on_policy"] == "0.35 ± 0.071"  # summary.json wins over the eval rows
+    assert rows["pass_at_k (k=4)"]["grpo_async"] == "0.6 ± 0"
+    assert rows["samples_per_second"]["grpo_async"] == "8 ± 0"
+    assert rows["staleness_max"] == {"grpo_on_policy": "0 ± 0", "entropic_on_policy": "0 ± 0",
+                                     "grpo_async": "4 ± 0", "entropic_async": "4 ± 0"}  # fmt: skip
+    assert rows["dropped_stale"]["entropic_async"] == "2 ± 0"
+    assert rows["target_entropy"]["grpo_async"] == "0.2"
+    assert "## Failed runs" in report and "entropic_async seed1: exit code 3" in report
+
+    for name in ("entropy", "alpha", "reward", "staleness"):
+        path = out / f"{name}.png"
+        assert path.stat().st_size > 10_000
+        pixels = imread(path)
+        assert pixels.shape[:2] == (400, 700) and pixels.std() > 0.01  # lines were drawn, not a blank canvas
+        assert f"![{name}]({name}.png)" in report
+
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["cells"]["entropic_on_policy"]["fields"]["entropy_final"]["values"] == pytest.approx([0.2, 0.21])
+
+    # --report-only finds the runs again (the failed one left no metrics) and rebuilds the same table.
+    for path in [out / "report.md", *out.glob("*.png")]:
+        path.unlink()
+    assert main(["--output-dir", str(out), "--report-only"]) == 0
+    rebuilt = (out / "report.md").read_text()
+    assert table(rebuilt) == rows and list(table(rebuilt)["seeds"]) == list(rows["seeds"])  # same columns, same order
+    assert "## Failed runs" not in rebuilt and (out / "entropy.png").is_file()
+
+
+def test_ablation_grid_runs_one_entropic_cell_per_mode(tmp_path, fake_train):
+    out = tmp_path / "out"
+    argv = ["--output-dir", str(out), "--modes", "all_tokens,covariance", "--steps", "5", "--train-module", fake_train]
+    assert main(argv) == 0
+    argv_covariance = json.loads((out / "entropic-covariance_async" / "seed0" / "argv.json").read_text())
+    assert argv_covariance[argv_covariance.index("--entropic.mode") + 1] == "covariance"
+    assert list(table((out / "report.md").read_text())["seeds"]) == [
+        "grpo_on_policy",
+        "entropic-all_tokens_on_policy",
+        "entropic-covariance_on_policy",
+        "grpo_async",
+        "entropic-all_tokens_async",
+        "entropic-covariance_async",
+    ]
+
+
+def write_openrlhf_tensorboard(log_dir: Path, entropy: float, reward: float) -> None:
+    """What the cluster runtime leaves: OpenRLHF's train/ and eval/ tags, in <tensorboard_dir>/<run_name>/."""
+    writer = SummaryWriter(log_dir=str(log_dir / "run_name"))
+    for step in range(1, 41):
+        writer.add_scalar("train/entropic/entropy", entropy, step)
+        writer.add_scalar("train/entropic/alpha", 0.05, step)
+        writer.add_scalar("train/rollout/reward_mean", reward, step)
+        if step % 20 == 0:
+            writer.add_scalar("eval/eval_math_pass1", reward, step)
+            writer.add_scalar("eval/eval_math_pass8", 2 * reward, step)
+    writer.close()
+
+
+def test_report_from_cluster_tensorboard_runs(tmp_path):
+    write_openrlhf_tensorboard(tmp_path / "grpo_s0", entropy=0.05, reward=0.3)
+    write_openrlhf_tensorboard(tmp_path / "grpo_s1", entropy=0.07, reward=0.4)
+    write_openrlhf_tensorboard(tmp_path / "entropic", entropy=0.1, reward=0.45)
+    out = tmp_path / "report"
+    runs = [f"grpo={tmp_path / 'grpo_s0'}", f"grpo={tmp_path / 'grpo_s1'}", f"entropic={tmp_path / 'entropic'}"]
+    assert main(["--report-only", "--runs", *runs, "--output-dir", str(out), "--target-entropy", "0.1"]) == 0
+    rows = table((out / "report.md").read_text())
+    assert rows["seeds"] == {"grpo": "2", "entropic": "1"}
+    assert rows["entropy_final"] == {"grpo": "0.06 ± 0.014", "entropic": "0.1 ± 0"}
+    assert rows["entropy_tracking_error"] == {"grpo": "0.4 ± 0.14", "entropic": "0 ± 0"}
+    assert rows["reward_final"]["grpo"] == "0.35 ± 0.071"
+    assert rows["pass_at_k (k=8)"]["entropic"] == "0.9 ± 0"
+    assert rows["staleness_mean"] == {"grpo": "n/a", "entropic": "n/a"}  # OpenRLHF logs none
+    assert (out / "entropy.png").is_file() and (out / "alpha.png").is_file()
+    assert not (out / "staleness.png").exists()  # nothing to draw
+
+
+def test_report_only_without_runs_fails_clearly(tmp_path, capsys):
+    assert main(["--report-only", "--output-dir", str(tmp_path / "nothing")]) == 1
+    assert "no run directories found" in capsys.readouterr().err
