@@ -21,8 +21,15 @@ def test_tracking_error_by_hand():
 
 def make_rows(steps=40, entropy=lambda s: 0.5, **extra):
     return [
-        {"step": s, "entropy": entropy(s), "reward_mean": s / 100, "samples_per_second": 10.0 + (s >= steps // 2),
-         "staleness_mean": 1.0 + s % 2, "staleness_max": s % 5, **extra}
+        {
+            "step": s,
+            "entropy": entropy(s),
+            "reward_mean": s / 100,
+            "samples_per_second": 10.0 + (s >= steps // 2),
+            "staleness_mean": 1.0 + s % 2,
+            "staleness_max": s % 5,
+            **extra,
+        }
         for s in range(steps)
     ]
 

@@ -237,4 +237,3 @@ def _read_tensorboard(event_dir: Path) -> tuple[list[dict], list[dict]]:
         if len(row) > 1:
             train.append(row)
     return train, evals
-
