@@ -44,6 +44,9 @@ def test_summary_fields_on_a_known_series():
     assert summary["entropy_tracking_error"] == pytest.approx(expected)
     assert summary["reward_final"] == pytest.approx(sum(range(30, 40)) / 10 / 100)
     assert summary["samples_per_second"] == pytest.approx(11.0)  # second half only
+    rows = make_rows(steps=4)
+    rows[2]["samples_per_second"], rows[3]["samples_per_second"] = 10.0, 30.0  # 2 batches in 1/10 + 1/30 s
+    assert summarize(rows, 0.5)["samples_per_second"] == pytest.approx(2 / (1 / 10 + 1 / 30))
     assert summary["staleness_mean"] == pytest.approx(1.5)
     assert summary["staleness_max"] == 4
     assert summary["steps"] == 40

@@ -11,7 +11,8 @@ Definitions used by every field of `summarize`:
 - entropy_eval_tracking_error: the same formula on the evaluations' `entropy_true`, MA over 5.
 - entropy_initial / entropy_final / reward_final: mean of the first / last 10 points (all
   points if fewer), so one noisy batch does not decide them.
-- samples_per_second: mean over the second half (steady state, after start-up).
+- samples_per_second: harmonic mean of the per-step rates over the second half (steady state,
+  after start-up). Every step trains the same batch, so that is samples / seconds over those steps.
 - staleness_mean: mean of the per-step means; staleness_max: the largest per-step max.
 - pass_at_1 / pass_at_k / k: from the last evaluation that logged them.
 A field whose series is empty is None (JSON null), never 0.
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def summarize(rows: list[dict], target_entropy: float, eval_rows: list[dict] | N
         "entropy_eval_tracking_error": tracking_error(true_entropy, target_entropy, EVAL_MA_WINDOW),
         "target_entropy": target_entropy,
         "reward_final": _mean(reward[-ENDPOINT_POINTS:]),
-        "samples_per_second": _mean(speed[len(speed) // 2 :]),
+        "samples_per_second": _harmonic_mean(speed[len(speed) // 2 :]),
         "staleness_mean": _mean(staleness_mean),
         "staleness_max": max(staleness_max) if staleness_max else None,
         "pass_at_1": last_eval.get("pass_at_1"),
@@ -102,6 +104,10 @@ def tracking_error(values: list[float], target: float, window: int) -> float | N
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _harmonic_mean(values: list[float]) -> float | None:
+    return statistics.harmonic_mean(values) if values else None
 
 
 def split_eval_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
