@@ -102,7 +102,7 @@ def test_metrics_report_weights_by_sign():
     advantages = torch.tensor([[1.0, 1.0, -1.0, 0.0]])
     mask = torch.ones(1, 4)
     _, metrics = entropic_policy_loss(log_probs, log_probs, advantages, mask, 0.4, mode="high_prob")
-    assert metrics["adjusted_fraction"].item() == pytest.approx(0.75)
+    assert metrics["adjusted_fraction"].item() == pytest.approx(0.5)  # the A = 0 token keeps weight 1
     assert metrics["pos_weight_mean"].item() == pytest.approx((1.4 + 1.0) / 2)
     assert metrics["neg_weight_mean"].item() == pytest.approx(0.6)
     _, metrics = entropic_policy_loss(log_probs, log_probs, torch.ones(1, 4), mask, 0.4, mode="all_tokens")

@@ -6,6 +6,8 @@ positives weigh more and entropy falls, with alpha < 0 negatives weigh more and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import LOSS_MODES
@@ -58,27 +60,30 @@ def entropic_policy_loss(
         raise ValueError("mode='covariance' needs the per-position entropy tensor (entropy=...)")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    if advantages.dim() == log_probs.dim() - 1:
-        advantages = advantages.unsqueeze(-1).expand_as(log_probs)
     mask = mask.to(torch.float32)
 
+    # Everything that decides the weights is detached and, for per-sequence advantages (GRPO,
+    # RLOO, REINFORCE++), kept at [batch, 1]: the [batch, seq] work stays close to plain PPO's.
     with torch.no_grad():
         advantages = advantages.detach().float()
-        positive = (advantages > 0).float() * mask
-        negative = (advantages < 0).float() * mask
-        if mode == "high_prob":
-            adjusted = (log_probs.detach().exp() > high_prob_threshold).float() * mask
-            weight = None
+        if advantages.dim() == log_probs.dim() - 1:
+            advantages = advantages.unsqueeze(-1)
+        per_sequence = advantages.shape[-1] == 1
+        lengths = mask.sum(dim=-1, keepdim=True)
+        tokens_per_advantage = lengths if per_sequence else mask
+        # w = 1 + alpha * sign(A) * s, where s in {-1, 0, 1} says which tokens are adjusted and how.
+        if mode == "all_tokens":
+            selector = None  # s = 1 on every response token
+            weighted_advantages = torch.add(advantages, advantages.abs(), alpha=alpha)  # A * w
+        elif mode == "covariance":
+            selector = torch.sign(log_probs.detach().float() + entropy.detach().float()) * mask
+            weighted_advantages = torch.addcmul(advantages, advantages.abs(), selector, value=alpha)
         else:
-            direction = torch.sign(advantages)
-            if mode == "covariance":
-                direction = direction * torch.sign(log_probs.detach().float() + entropy.detach().float())
-            weight = 1.0 + alpha * direction
-            adjusted = (weight != 1.0).float() * mask
-        # A weight w >= 0 commutes with PPO's min/clip: w * min(rA, clip(r)A) = min(r wA, clip(r) wA).
-        # Folding it into the advantages keeps the autograd graph as small as plain PPO's.
-        weighted_advantages = advantages if weight is None else advantages * weight
+            selector = (log_probs.detach() > math.log(high_prob_threshold)) * mask
+            weighted_advantages = advantages
 
+    # A weight w >= 0 commutes with PPO's min and clip, w * min(rA, clip(r)A) = min(r wA, clip(r) wA),
+    # so all_tokens and covariance are plain PPO on weighted advantages.
     ratio = torch.exp(log_probs - old_log_probs)
     surrogate = ratio * weighted_advantages
     clipped_surrogate = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * weighted_advantages
@@ -87,19 +92,42 @@ def entropic_policy_loss(
         objective = torch.where(
             weighted_advantages < 0, torch.max(objective, dual_clip * weighted_advantages), objective
         )
-    loss = _aggregate(-objective, mask, token_level)
     if mode == "high_prob":
-        loss = loss + alpha * _aggregate(-ratio * advantages.abs(), adjusted, token_level)
+        # alpha * mean over M of (-ratio * |A|), folded into the objective with the factor that
+        # turns the mean over the mask into the mean over M (aggregated the same way).
+        with torch.no_grad():
+            high_per_sequence = selector.sum(dim=-1, keepdim=True)
+            if token_level:
+                rescale = lengths.sum() / high_per_sequence.sum().clamp(min=1.0)
+            else:
+                rescale = (lengths / high_per_sequence.clamp(min=1.0)) * (
+                    (lengths > 0).sum() / (high_per_sequence > 0).sum().clamp(min=1)
+                )
+            bonus = (alpha * rescale) * advantages.abs() * selector
+        objective = torch.addcmul(objective, ratio, bonus)
+    loss = _aggregate(-objective, mask, token_level)
 
     with torch.no_grad():
-        if weight is None:  # high_prob: adjusted positives weigh 1 + alpha, adjusted negatives 1 - alpha
-            weight = 1.0 + alpha * torch.sign(advantages) * adjusted
+        num_tokens = lengths.sum().clamp(min=1.0)
+        # Per-token quantities summed to [batch, 1] where the advantages are per sequence.
+        if selector is None:
+            selected = adjusted = tokens_per_advantage
+        elif mode == "high_prob":  # selector is 0/1: its sum is also the adjusted count
+            selected = adjusted = high_per_sequence if per_sequence else selector
+        elif per_sequence:
+            selected = selector.sum(dim=-1, keepdim=True)
+            adjusted = torch.count_nonzero(selector, dim=-1).unsqueeze(-1)
+        else:
+            selected, adjusted = selector, selector != 0
+        positive, negative = advantages > 0, advantages < 0
+        positive_tokens = (positive * tokens_per_advantage).sum()
+        negative_tokens = (negative * tokens_per_advantage).sum()
         nan = torch.tensor(float("nan"))
         metrics = {
-            "adjusted_fraction": adjusted.sum() / mask.sum().clamp(min=1.0),
+            "adjusted_fraction": ((advantages != 0) * adjusted).sum() / num_tokens,
             # NaN, not 0, when a batch has no positive (or negative) token: the mean is undefined.
-            "pos_weight_mean": (weight * positive).sum() / positive.sum() if positive.any() else nan,
-            "neg_weight_mean": (weight * negative).sum() / negative.sum() if negative.any() else nan,
-            "clip_fraction": ((clipped_surrogate < surrogate).float() * mask).sum() / mask.sum().clamp(min=1.0),
+            "pos_weight_mean": 1 + alpha * (positive * selected).sum() / positive_tokens if positive_tokens else nan,
+            "neg_weight_mean": 1 - alpha * (negative * selected).sum() / negative_tokens if negative_tokens else nan,
+            "clip_fraction": ((clipped_surrogate < surrogate).float() * mask).sum() / num_tokens,
         }
     return loss, metrics
