@@ -118,6 +118,8 @@ def test_grid_and_commands():
         (["--max-staleness", "0"], "must be >= 1"),
         (["--report-only", "--", "--steps", "3"], "runs nothing"),
         (["--target-entropy", "-1"], "must be > 0"),
+        (["--seeds", "0,x"], "invalid comma-separated int value: '0,x'"),
+        (["--seeds", ","], "at least one seed"),
     ],
 )
 def test_impossible_flags_are_rejected(argv, message, capsys):
@@ -234,3 +236,17 @@ def test_report_from_cluster_tensorboard_runs(tmp_path):
 def test_report_only_without_runs_fails_clearly(tmp_path, capsys):
     assert main(["--report-only", "--output-dir", str(tmp_path / "nothing")]) == 1
     assert "no run directories found" in capsys.readouterr().err
+
+
+def test_discover_runs_at_any_depth(tmp_path):
+    from openrlhf_entropic.cli.compare import discover_runs
+
+    for run in ("deep/er/run", "entropic_async/seed0", "entropic_async/seed3", "grpo_on_policy/seed0"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "metrics.jsonl").write_text('{"step": 1, "entropy": 0.5}\n')
+    SummaryWriter(log_dir=str(tmp_path / "entropic_async" / "seed0" / "tb")).close()  # part of that run
+    SummaryWriter(log_dir=str(tmp_path / "cluster" / "run_name")).close()  # a TensorBoard-only run
+    runs = discover_runs(tmp_path)
+    assert list(runs) == ["grpo_on_policy", "entropic_async", "cluster/run_name", "deep/er/run"]
+    assert runs["entropic_async"] == [tmp_path / "entropic_async" / "seed0", tmp_path / "entropic_async" / "seed3"]
+    assert runs["cluster/run_name"] == [tmp_path / "cluster" / "run_name"]

@@ -138,8 +138,9 @@ def discover_runs(root: Path) -> dict[str, list[Path]]:
     for run_dir in sorted(metric_dirs | event_dirs):
         runs[_cell_of(run_dir, root)].append(run_dir)
 
-    def grid_order(name: str) -> tuple:  # the column order of a fresh compare: on-policy first, GRPO first
-        return (not name.endswith("_on_policy"), not name.startswith("grpo"), name)
+    def grid_order(name: str) -> tuple:  # a fresh compare's column order (on-policy, GRPO first), then the rest
+        regime = 0 if name.endswith("_on_policy") else 1 if name.endswith("_async") else 2
+        return (regime, not name.startswith("grpo"), name)
 
     return {name: runs[name] for name in sorted(runs, key=grid_order)}
 
@@ -309,6 +310,16 @@ def _report_markdown(cells: dict[str, dict], plot_files: list[str], failures: li
     return "\n".join(lines) + "\n"
 
 
+def _comma_list(kind):
+    """argparse type for "a,b,c"; its name makes argparse say "invalid comma-separated int value"."""
+
+    def parse(text: str) -> list:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+
+    parse.__name__ = f"comma-separated {kind.__name__}"
+    return parse
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Compare's own flags, and the flags after `--` that pass through to every training run."""
     extra = []
@@ -323,14 +334,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"), help="Runs and report go here.")
     parser.add_argument(
         "--seeds",
-        type=lambda text: [int(s) for s in text.split(",") if s.strip()],
+        type=_comma_list(int),
         default=[0],
         help="Comma-separated seeds, e.g. 0,1,2 (default: 0).",
     )
     parser.add_argument("--max-staleness", type=int, default=4, help="K of the async cells (on-policy cells use 0).")
     parser.add_argument(
         "--modes",
-        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+        type=_comma_list(str),
         default=None,
         help=f"Ablation: one EntroPIC cell per loss mode, from {','.join(LOSS_MODES)}; "
         "default: one EntroPIC cell with the preset's mode.",
