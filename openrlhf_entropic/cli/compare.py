@@ -116,7 +116,11 @@ def run_grid(args: argparse.Namespace, extra: list[str]) -> tuple[dict[str, list
         with log_path.open("w", encoding="utf-8") as log:
             log.write(" ".join(command) + "\n")
             log.flush()
-            returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            try:
+                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            except KeyboardInterrupt:  # Ctrl-C: stop the grid, but still report the finished runs
+                failures.append(f"{cell.name} seed{seed}: interrupted; later runs not started")
+                break
         if returncode == 0:
             finished[cell.name].append(run_dir)
             continue
@@ -196,25 +200,31 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
     """Write report.md, report.json and the PNG plots for `runs` ({cell: run dirs}); return the report dict."""
     cells: dict[str, dict] = {}
     for name, run_dirs in runs.items():
-        loaded = []
+        loaded, read_dirs = [], []
         for run_dir in run_dirs:
             try:
                 loaded.append(summarize_run(run_dir, target_entropy))
+                read_dirs.append(run_dir)
             except (OSError, ValueError) as error:
                 failures.append(f"{name}: cannot read {run_dir}: {error}")
         if not loaded:
             continue
         summaries = [summary for summary, _, _ in loaded]
+        skipped = defaultdict(int)
+        for summary in summaries:
+            for key, count in summary.get("skipped_values", {}).items():
+                skipped[key] += count
         fields = {}
         for field in REPORT_FIELDS:
             values = [s[field] for s in summaries if _is_number(s.get(field))]
             stats = mean_std(values)
             fields[field] = {"mean": stats[0], "std": stats[1], "values": values} if stats else None
         cells[name] = {
-            "runs": [os.path.relpath(run_dir, output_dir) for run_dir in run_dirs],  # the report can move with them
+            "runs": [os.path.relpath(run_dir, output_dir) for run_dir in read_dirs],  # the report can move with them
             "target_entropy": sorted({s["target_entropy"] for s in summaries}),
             "k": sorted({s["k"] for s in summaries if s.get("k") is not None}),
             "fields": fields,
+            "skipped_values": dict(sorted(skipped.items())),
             "series": {key: _mean_over_seeds([rows for _, rows, _ in loaded], key) for _, key, _ in PLOTS},
             "eval_entropy": _mean_over_seeds([evals for _, _, evals in loaded], "entropy_true"),
         }
@@ -228,12 +238,16 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
 
 
 def _mean_over_seeds(row_lists: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, mean of `key` over the seeds that logged a finite value at that step)."""
+    """(steps, mean of `key` over the seeds that logged a finite value at that step).
+
+    Within one seed a repeated step (a resumed run) keeps its last value, as in the summary."""
     by_step = defaultdict(list)
     for rows in row_lists:
-        for row in rows:
-            if _is_number(row.get(key)) and _is_number(row.get("step")):
-                by_step[row["step"]].append(float(row[key]))
+        last = {
+            row["step"]: float(row[key]) for row in rows if _is_number(row.get(key)) and _is_number(row.get("step"))
+        }
+        for step, value in last.items():
+            by_step[step].append(value)
     steps = sorted(by_step)
     return steps, [statistics.fmean(by_step[step]) for step in steps]
 
@@ -295,12 +309,19 @@ def _report_markdown(cells: dict[str, dict], plot_files: list[str], failures: li
             for name in names:
                 stats = cells[name]["fields"][field]
                 # Rounding first keeps float dust (1e-16) from printing as a number.
-                mean, std = (round(stats[key], 6) for key in ("mean", "std")) if stats else (None, None)
-                row.append("n/a" if stats is None else f"{mean:.4g} ± {std:.2g}")
-            label = field + (f" (k={', '.join(str(k) for k in cells[names[0]]['k'])})" if field == "pass_at_k" else "")
+                row.append("n/a" if stats is None else f"{round(stats['mean'], 6):.4g} ± {round(stats['std'], 6):.2g}")
+            ks = sorted({k for cell in cells.values() for k in cell["k"]})
+            label = f"pass_at_k (k={', '.join(str(k) for k in ks)})" if field == "pass_at_k" and ks else field
             lines.append(f"| {label} | " + " | ".join(row) + " |")
     else:
         lines.append("No finished runs.")
+    skipped = [
+        f"{name} (" + ", ".join(f"{key}: {count}" for key, count in cells[name]["skipped_values"].items()) + ")"
+        for name in names
+        if cells[name]["skipped_values"]
+    ]
+    if skipped:
+        lines += ["", "Values left out as missing or NaN (rows, summed over seeds): " + "; ".join(skipped) + "."]
     if failures:
         lines += ["", "## Failed runs", ""] + [f"- {failure}" for failure in failures]
     if plot_files:
