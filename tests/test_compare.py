@@ -161,6 +161,12 @@ def test_compare_runs_the_grid_keeps_going_after_a_failure_and_reports(tmp_path,
     assert rows["pass_at_1"]["grpo_on_policy"] == "0.35 ± 0.071"  # summary.json wins over the eval rows
     assert rows["pass_at_k (k=4)"]["grpo_async"] == "0.6 ± 0"
     assert rows["samples_per_second"]["grpo_async"] == "8 ± 0"
+    assert rows["speedup_vs_on_policy"] == {"grpo_on_policy": "", "entropic_on_policy": "", "grpo_async": "1.6x",
+                                            "entropic_async": "1.6x"}  # fmt: skip
+    assert rows["entropy_final_over_initial"]["entropic_on_policy"] == "1 ± 0"
+    initial, final = sum(0.9**s for s in range(10)) / 10, sum(0.9**s for s in range(20, 30)) / 10
+    grpo_ratios = [(final + 0.01 * seed) / (initial + 0.01 * seed) for seed in (0, 1)]
+    assert mean_of(rows["entropy_final_over_initial"]["grpo_async"]) == pytest.approx(sum(grpo_ratios) / 2, rel=1e-3)
     assert rows["staleness_max"] == {"grpo_on_policy": "0 ± 0", "entropic_on_policy": "0 ± 0",
                                      "grpo_async": "4 ± 0", "entropic_async": "4 ± 0"}  # fmt: skip
     assert rows["dropped_stale"]["entropic_async"] == "2 ± 0"

@@ -36,6 +36,7 @@ from openrlhf_entropic.runtime.summary import load_run, summarize
 REPORT_FIELDS = (
     "entropy_initial",
     "entropy_final",
+    "entropy_final_over_initial",  # < 1: entropy fell (GRPO's collapse); per run, then mean over seeds
     "entropy_tracking_error",
     "entropy_eval_tracking_error",
     "reward_final",
@@ -210,6 +211,10 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
         if not loaded:
             continue
         summaries = [summary for summary, _, _ in loaded]
+        for summary in summaries:
+            initial, final = summary.get("entropy_initial"), summary.get("entropy_final")
+            if _is_number(initial) and _is_number(final) and initial > 0:
+                summary["entropy_final_over_initial"] = final / initial
         skipped = defaultdict(int)
         for summary in summaries:
             for key, count in summary.get("skipped_values", {}).items():
@@ -228,6 +233,12 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
             "series": {key: _mean_over_seeds([rows for _, rows, _ in loaded], key) for _, key, _ in PLOTS},
             "eval_entropy": _mean_over_seeds([evals for _, _, evals in loaded], "entropy_true"),
         }
+
+    # The async speed-up: samples_per_second of X_async over that of X_on_policy (ratio of the means).
+    for name, cell in cells.items():
+        base = cells.get(name.removesuffix("_async") + "_on_policy") if name.endswith("_async") else None
+        fast, slow = cell["fields"]["samples_per_second"], base and base["fields"]["samples_per_second"]
+        cell["speedup_vs_on_policy"] = fast["mean"] / slow["mean"] if fast and slow and slow["mean"] > 0 else None
 
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_files = _write_plots(cells, output_dir)
@@ -313,6 +324,10 @@ def _report_markdown(cells: dict[str, dict], plot_files: list[str], failures: li
             ks = sorted({k for cell in cells.values() for k in cell["k"]})
             label = f"pass_at_k (k={', '.join(str(k) for k in ks)})" if field == "pass_at_k" and ks else field
             lines.append(f"| {label} | " + " | ".join(row) + " |")
+            if field == "samples_per_second":
+                speedups = [cells[name]["speedup_vs_on_policy"] for name in names]
+                texts = ["" if value is None else f"{value:.3g}x" for value in speedups]
+                lines.append("| speedup_vs_on_policy | " + " | ".join(texts) + " |")
     else:
         lines.append("No finished runs.")
     skipped = [
