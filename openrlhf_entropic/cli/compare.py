@@ -1,6 +1,6 @@
 """GRPO vs EntroPIC, on-policy vs async off-policy: run the grid, then write report.md and plots.
 
-    python -m openrlhf_entropic.cli.compare --output-dir runs/compare --seeds 0,1,2 -- --steps 200
+    python -m openrlhf_entropic.cli.compare --output-dir runs/compare --seeds 0,1,2 --steps 200
     python -m openrlhf_entropic.cli.compare --output-dir runs/compare --modes high_prob,all_tokens,covariance
     python -m openrlhf_entropic.cli.compare --report-only --output-dir runs/compare
     python -m openrlhf_entropic.cli.compare --report-only --runs grpo=DIR1 entropic=DIR2 --output-dir OUT \\
@@ -69,10 +69,9 @@ class Cell:
 
     @property
     def name(self) -> str:
-        algorithm = (
-            "grpo" if not self.entropic else "entropic" if self.loss_mode is None else f"entropic-{self.loss_mode}"
-        )
-        return f"{algorithm}_{self.regime}"
+        if not self.entropic:
+            return f"grpo_{self.regime}"
+        return f"entropic_{self.regime}" if self.loss_mode is None else f"entropic-{self.loss_mode}_{self.regime}"
 
 
 def build_grid(loss_modes: list[str] | None) -> list[Cell]:
