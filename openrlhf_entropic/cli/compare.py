@@ -366,7 +366,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Run GRPO vs EntroPIC x on-policy vs async off-policy and write report.md + plots. "
         "Flags after `--` go to every `cli.train` run.",
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/compare"), help="Runs and report go here.")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("runs/compare"), help="Runs and report go here (default: runs/compare)."
+    )
     parser.add_argument(
         "--seeds",
         type=_comma_list(int),
