@@ -1,0 +1,137 @@
+"""`python -m openrlhf_entropic.cli.train_ppo_ray`: OpenRLHF 0.11.2's train_ppo_ray, with an EntroPIC actor.
+
+Every flag of `openrlhf.cli.train_ppo_ray` passes through unchanged; the `--entropic.*` flags are the
+shared ones of `openrlhf_entropic.entropic.config`, the same as in the embedded runtime.
+
+OpenRLHF builds its parser inside `if __name__ == "__main__":`, so it cannot be imported and
+extended. Instead: we parse our flags with `parse_known_args`, then run OpenRLHF's own module as
+`__main__` (runpy) on the remaining argv, so its parser, validation and `train()` run unchanged.
+While it runs, our subclasses stand in for `PolicyModelActor` and `PPOTrainerAsync`, and its one
+call to `hierarchize(args)` is wrapped to attach our config as `args.entropic`: that object becomes
+`strategy.args`, which OpenRLHF hands to every Ray actor.
+
+`--help` needs only this file and the config: openrlhf, vllm and flash_attn are imported only
+when training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import runpy
+import sys
+from collections.abc import Iterator
+
+from openrlhf_entropic.entropic.config import EntroPICConfig, add_entropic_args
+from openrlhf_entropic.runtime.openrlhf import ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY
+
+OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
+
+EPILOG = f"""\
+Every other flag is passed unchanged to OpenRLHF 0.11.2's {OPENRLHF_MODULE}
+(see `python -m {OPENRLHF_MODULE} --help` where openrlhf, vllm and flash-attn are installed).
+
+With --entropic.enable, this launcher also:
+  * sets --actor.entropy_coef 0 (OpenRLHF's "log only" value) when it is unset, so that the actor
+    forward computes the policy entropy the controller measures;
+  * with --train.async_enable and --entropic.estimator importance_weighted, asks vLLM for the
+    sampling log-probs (is_correction_level token) but keeps your policy loss as it was
+    (is_correction_level off stays off in the loss).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Our parser: only the `--entropic.*` flags; abbreviations off so no OpenRLHF flag is taken by prefix."""
+    parser = argparse.ArgumentParser(
+        prog="python -m openrlhf_entropic.cli.train_ppo_ray",
+        description="OpenRLHF's PPO/GRPO Ray trainer (sync or --train.async_enable) with EntroPIC entropy control.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    add_entropic_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[EntroPICConfig, list[str]]:
+    """Split argv into our validated EntroPIC config and the argv left for OpenRLHF."""
+    parser = build_parser()
+    ours, openrlhf_argv = parser.parse_known_args(argv)
+    try:
+        config = EntroPICConfig.from_args(ours)
+    except ValueError as error:
+        parser.error(str(error))
+    return config, openrlhf_argv
+
+
+def prepare_openrlhf_args(args, config: EntroPICConfig):
+    """Attach `config` to OpenRLHF's hierarchized args as `args.entropic`, and set what EntroPIC needs.
+
+    `args` is the nested namespace of `openrlhf.utils.config.hierarchize`. Each change is printed.
+    """
+    args.entropic = argparse.Namespace(**dataclasses.asdict(config))
+    if config.max_staleness is not None and not args.train.async_enable:
+        print("[EntroPIC] --entropic.max_staleness has no effect without --train.async_enable (staleness is 0)")
+    if not config.enable:
+        return args
+    if args.actor.entropy_coef is None:
+        args.actor.entropy_coef = 0.0
+        print("[EntroPIC] --actor.entropy_coef 0 (log only): the actor forward now returns the entropy")
+    if config.estimator == "importance_weighted":
+        if args.train.async_enable and args.algo.advantage.is_correction_level == "off":
+            # OpenRLHF requests vLLM log-probs (logprobs=1, logprobs_mode=processed_logprobs) only
+            # when this is not "off"; the actor resets its PolicyLoss back to "off".
+            args.algo.advantage.is_correction_level = "token"
+            setattr(args.entropic, ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, True)
+            print("[EntroPIC] asking vLLM for sampling log-probs for the entropy estimate; the loss is unchanged")
+        if args.rollout.top_p < 1.0:
+            print(
+                "[EntroPIC] warning: --rollout.top_p < 1 makes vLLM's processed log-probs those of the "
+                "truncated distribution, which the importance weights then treat as the behavior policy"
+            )
+    return args
+
+
+@contextlib.contextmanager
+def entropic_openrlhf(config: EntroPICConfig) -> Iterator[None]:
+    """While open, OpenRLHF builds our actor and async trainer, and its `hierarchize` attaches `config`."""
+    from openrlhf.trainer import ppo_trainer_async
+    from openrlhf.trainer.ray import ppo_actor
+    from openrlhf.utils import config as openrlhf_config
+
+    from openrlhf_entropic.runtime.openrlhf import swap_attributes
+    from openrlhf_entropic.runtime.openrlhf.actor import EntroPICPolicyModelActor
+    from openrlhf_entropic.runtime.openrlhf.async_trainer import EntroPICPPOTrainerAsync
+
+    upstream_hierarchize = openrlhf_config.hierarchize
+
+    def hierarchize_with_entropic(flat_args):
+        return prepare_openrlhf_args(upstream_hierarchize(flat_args), config)
+
+    with (
+        swap_attributes(ppo_actor, PolicyModelActor=EntroPICPolicyModelActor),
+        swap_attributes(ppo_trainer_async, PPOTrainerAsync=EntroPICPPOTrainerAsync),
+        swap_attributes(openrlhf_config, hierarchize=hierarchize_with_entropic),
+    ):
+        yield
+
+
+def run_openrlhf(config: EntroPICConfig, openrlhf_argv: list[str]) -> None:
+    """Run OpenRLHF's train_ppo_ray `__main__` on `openrlhf_argv`, inside `entropic_openrlhf(config)`."""
+    saved_argv = sys.argv
+    sys.argv = [OPENRLHF_MODULE, *openrlhf_argv]
+    try:
+        with entropic_openrlhf(config):
+            runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, openrlhf_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    run_openrlhf(config, openrlhf_argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The EntroPIC policy actor for OpenRLHF 0.11.2: subclasses of `ActorPPOTrainer` and `PolicyModelActor`.
+
+Per micro-batch, OpenRLHF's `training_step` runs the actor forward, calls `actor_loss_fn`, and
+steps DeepSpeed. We change two things and reuse the rest:
+- `actor_loss_fn` becomes `EntroPICPolicyLoss`: OpenRLHF's own `PolicyLoss` (clipping, IS
+  correction, global token normalization: all unchanged) plus EntroPIC's term for the chosen mode.
+- a forward hook on OpenRLHF's `Actor` keeps `output.entropy`, the full-vocabulary entropy of the
+  temperature-scaled policy that OpenRLHF computes when `--actor.entropy_coef` is set (our CLI sets
+  it to 0, OpenRLHF's "log only" value, when the user left it unset).
+
+The controller is updated once per optimizer step, on the first micro-batch of each gradient-
+accumulation window, before that micro-batch's loss is built: its entropy estimate is token-weighted
+and all-reduced over the actor ranks, so every rank applies the same alpha to the whole window.
+
+Imports openrlhf at top level: import this module only where openrlhf is importable (the Ray
+workers, or CPU tests that register the vllm/flash_attn stand-ins first).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ray
+import torch
+from openrlhf.trainer.ray import ppo_actor
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+
+from openrlhf_entropic.entropic import (
+    EntroPICConfig,
+    EntroPICController,
+    Metric,
+    all_reduce_sum,
+    entropic_policy_loss,
+    importance_weighted_entropy,
+    masked_mean,
+)
+
+from . import ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, swap_attributes
+
+# Key of the controller state inside OpenRLHF's checkpoint `client_states`.
+CONTROLLER_STATE_KEY = "entropic_controller"
+
+
+class EntroPICPolicyLoss:
+    """OpenRLHF's `PolicyLoss` plus EntroPIC's term; called exactly like `PolicyLoss.forward`.
+
+    The term is `entropic_policy_loss(alpha) - entropic_policy_loss(0)` on the same tensors, so it is
+    exactly 0 at alpha = 0, and for `high_prob` it is the official `alpha * mean_M(-ratio * |A|)`.
+    The term is a token mean over this micro-batch; OpenRLHF's base loss keeps its own normalization.
+    """
+
+    def __init__(self, base_loss: torch.nn.Module, config: EntroPICConfig) -> None:
+        self.base_loss = base_loss
+        self.config = config
+        # all_reduce_sum is the identity when torch.distributed is not initialized.
+        self.controller = EntroPICController.from_config(config, reduce_fn=all_reduce_sum)
+        self.update_before_next_loss = False  # set by the trainer on the first micro-batch of a step
+        self.forward_entropy: torch.Tensor | None = None  # [batch, seq - 1] from the last training forward
+        self.ess = math.nan  # effective sample size of the last controller update, summed over ranks
+        self.ess_fraction = math.nan  # ... divided by the tokens it was measured on
+        self.metrics: dict[str, tuple[float | torch.Tensor, str | None]] = {}
+
+    def keep_entropy(self, module, inputs, result) -> None:
+        """Forward hook on OpenRLHF's `Actor`: keep `output.entropy` of a `return_output=True` forward."""
+        if isinstance(result, tuple) and getattr(result[1], "entropy", None) is not None:
+            self.forward_entropy = result[1].entropy.detach()
+
+    def __call__(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        action_mask: torch.Tensor | None = None,
+        rollout_log_probs: torch.Tensor | None = None,
+        **normalization,
+    ):
+        """Same inputs and outputs as `PolicyLoss.forward` ([batch, response] tensors); the loss gains the term."""
+        base_loss, *rest = self.base_loss(
+            log_probs,
+            old_log_probs,
+            advantages,
+            action_mask=action_mask,
+            rollout_log_probs=rollout_log_probs,
+            **normalization,
+        )
+        if self.forward_entropy is None:
+            raise RuntimeError(
+                "EntroPIC got no entropy from the actor forward. The actor must run with return_entropy "
+                "(--actor.entropy_coef set; openrlhf_entropic.cli.train_ppo_ray sets it to 0 when unset)."
+            )
+        entropy = self.forward_entropy[:, -action_mask.shape[1] :]
+        self.forward_entropy = None  # consumed: a later loss call must never reuse it
+        mask = action_mask.to(torch.float32)
+        if self.update_before_next_loss:
+            # Behavior policy: vLLM's sampling log-probs when present, else the make-experience ones
+            # (the same weights that generated the samples when training is synchronous).
+            behavior_log_probs = rollout_log_probs if rollout_log_probs is not None else old_log_probs
+            self._update_controller(entropy, log_probs, behavior_log_probs, mask)
+            self.update_before_next_loss = False
+
+        alpha = self.controller.alpha
+        shared = dict(
+            mode=self.config.mode,
+            high_prob_threshold=self.config.high_prob_threshold,
+            clip_eps_low=self.base_loss.clip_eps_low,
+            clip_eps_high=self.base_loss.clip_eps_high,
+            dual_clip=self.base_loss.dual_clip,
+            token_level=self.base_loss.token_level_loss,
+            entropy=entropy,
+        )
+        with_alpha, loss_metrics = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, alpha, **shared)
+        without_alpha, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, 0.0, **shared)
+        self._record_metrics(entropy, mask, loss_metrics["adjusted_fraction"])
+        return (base_loss + (with_alpha - without_alpha), *rest)
+
+    def _update_controller(self, entropy, log_probs, behavior_log_probs, mask) -> None:
+        """One controller step from this micro-batch on every rank, all tensors [batch, response]."""
+        tokens = mask.sum()
+        if self.config.estimator == "importance_weighted":
+            estimate, ess = importance_weighted_entropy(
+                entropy,
+                log_probs,
+                behavior_log_probs,
+                mask,
+                log_clip=self.config.iw_log_clip,
+                min_ess_fraction=self.config.min_ess_fraction,
+                level=self.config.iw_level,
+            )
+        else:
+            estimate, ess = masked_mean(entropy, mask), tokens
+        self.controller.update(estimate, weight=tokens)
+        totals = all_reduce_sum(torch.stack([ess.detach(), tokens]).to(torch.float64).cpu())
+        self.ess = float(totals[0])
+        self.ess_fraction = float(totals[0] / totals[1]) if float(totals[1]) > 0 else math.nan
+
+    def _record_metrics(self, entropy, mask, adjusted_fraction) -> None:
+        """Metrics for OpenRLHF's status, as (value, weight): "token" = token mean over ranks, None = as is."""
+        controller = self.controller
+        self.metrics = {
+            Metric.ALPHA: (controller.alpha, None),
+            Metric.ENTROPY_TARGET: (controller.target, None),
+            Metric.P_TERM: (controller.p_term, None),
+            Metric.I_TERM: (controller.i_term, None),
+            Metric.NONFINITE_SKIPPED: (float(controller.nonfinite_skipped), None),
+            Metric.ENTROPY: (masked_mean(entropy, mask), "token"),
+            Metric.ADJUSTED_FRACTION: (adjusted_fraction, "token"),
+        }
+        if self.config.estimator == "importance_weighted":
+            # What the controller measured at its last update (identical on every rank).
+            self.metrics[Metric.ENTROPY_IW] = (controller.last_entropy, None)
+            self.metrics[Metric.ESS] = (self.ess, None)
+            self.metrics[Metric.ESS_FRACTION] = (self.ess_fraction, None)
+
+
+class EntroPICActorPPOTrainer(ActorPPOTrainer):
+    """OpenRLHF's actor trainer with EntroPIC's loss and controller (a no-op when EntroPIC is off)."""
+
+    def __init__(self, strategy, *args, **kwargs) -> None:
+        super().__init__(strategy, *args, **kwargs)
+        self.entropic_config = EntroPICConfig.from_args(self.args)
+        self.entropic_loss: EntroPICPolicyLoss | None = None
+        if not self.entropic_config.enable:
+            return
+        if self.args.actor.entropy_coef is None:
+            raise ValueError(
+                "EntroPIC needs the actor forward's entropy: set --actor.entropy_coef (0 = log only), "
+                "or launch with python -m openrlhf_entropic.cli.train_ppo_ray, which does that for you."
+            )
+        if getattr(self.args.entropic, ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, False):
+            self.actor_loss_fn.is_correction_level = "off"  # the user's setting; vLLM log-probs feed the estimate only
+        self.entropic_loss = attach_entropic_loss(self, self.entropic_config)
+
+    def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
+        """OpenRLHF's training step; EntroPIC's controller steps on the first micro-batch of each optimizer step."""
+        if self.entropic_loss is None:
+            return super().training_step(experience, kl_ctl, step, loss_batch_info)
+        self.entropic_loss.update_before_next_loss = starts_optimizer_step(self, step)
+        status = super().training_step(experience, kl_ctl, step, loss_batch_info)
+        for name, (value, weight) in self.entropic_loss.metrics.items():
+            status["metrics"][name] = value
+            status["weights"][name] = weight
+        return status
+
+
+def attach_entropic_loss(trainer, config: EntroPICConfig) -> EntroPICPolicyLoss:
+    """Wrap `trainer.actor_loss_fn` (a PolicyLoss) and hook `trainer.actor` (an Actor) for its entropy."""
+    entropic_loss = EntroPICPolicyLoss(trainer.actor_loss_fn, config)
+    trainer.actor_loss_fn = entropic_loss
+    trainer.actor.register_forward_hook(entropic_loss.keep_entropy)
+    return entropic_loss
+
+
+def starts_optimizer_step(trainer, step: int) -> bool:
+    """Whether micro-batch `step` (counted from 0 in each epoch of ppo_train) opens an optimizer step."""
+    if trainer.args.train.dynamic_batch_enable:
+        return step == 0 or bool(trainer.replay_buffer.dynamic_optimizer_step[step - 1])
+    return step % max(int(trainer.strategy.accumulated_gradient), 1) == 0
+
+
+def save_controller_state(client_states: dict | None, entropic_loss: EntroPICPolicyLoss | None) -> dict:
+    """Checkpoint `client_states` with the controller state added (a copy; plain floats and ints)."""
+    client_states = dict(client_states or {})
+    if entropic_loss is not None:
+        client_states[CONTROLLER_STATE_KEY] = entropic_loss.controller.state_dict()
+    return client_states
+
+
+def restore_controller_state(entropic_loss: EntroPICPolicyLoss | None, checkpoint_states: dict) -> bool:
+    """Load the controller state from a checkpoint's client states; False if there was none to load."""
+    state = (checkpoint_states or {}).get(CONTROLLER_STATE_KEY)
+    if entropic_loss is None or state is None:
+        return False
+    entropic_loss.controller.load_state_dict(state)
+    return True
+
+
+@ray.remote(num_gpus=1)
+class EntroPICPolicyModelActor(PolicyModelActor.__ray_actor_class__):
+    """OpenRLHF's policy actor, building our trainer and keeping the controller in its checkpoints."""
+
+    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        with swap_attributes(ppo_actor, ActorPPOTrainer=EntroPICActorPPOTrainer):
+            super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
+        entropic_loss = self.trainer.entropic_loss
+        if restore_controller_state(entropic_loss, self.checkpoint_states):
+            strategy.print(
+                f"EntroPIC: restored the controller from the checkpoint: {entropic_loss.controller.state_dict()}"
+            )
+        elif entropic_loss is not None and self.checkpoint_states:
+            strategy.print("EntroPIC: the checkpoint has no controller state; the controller starts from zero")
+
+    def save_checkpoint(self, tag, client_states=None, metric_value=None, metric_key=None):
+        client_states = save_controller_state(client_states, self.trainer.entropic_loss)
+        return super().save_checkpoint(tag, client_states, metric_value, metric_key)

@@ -1,0 +1,145 @@
+"""Staleness for OpenRLHF's async trainer (`--train.async_enable`): weight versions, metrics, dropping.
+
+The weight version is the number of weight broadcasts to vLLM so far. OpenRLHF already holds one
+lock (`VLLMLock`) around each generation batch and each broadcast; our lock subclass also counts
+the broadcasts, so the version a generator reads while holding the lock is exactly the version of
+the weights that generate its batch. (With `--train.partial_rollout_enable` generation runs without
+the lock and weights can change mid-batch: the tag is then the version at the batch's start, so
+staleness is over-counted by at most one for samples finished under newer weights.)
+
+Every sample carries `info["policy_version"]`. The trainer computes staleness = (version being
+trained) - (version that generated the sample), logs rollout/staleness_mean and _max, and with
+`--entropic.max_staleness K` drops samples staler than K before making experience, counting them.
+A batch shares one version, so a drop removes whole batches and never splits a prompt's group.
+
+Imports openrlhf at top level; see `actor.py` for where that is allowed.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+from openrlhf.trainer import ppo_trainer_async
+from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
+from openrlhf.utils.logging_utils import init_logger
+
+from openrlhf_entropic.entropic import EntroPICConfig, Metric
+
+from . import swap_attributes
+
+logger = init_logger(__name__)
+
+POLICY_VERSION = "policy_version"  # key in each rollout sample's `info`
+
+
+def staleness_of(samples, current_version: int) -> list[int]:
+    """Policy versions between each sample's generating weights and `current_version` (samples: Experience list)."""
+    staleness = []
+    for sample in samples:
+        if POLICY_VERSION not in sample.info:
+            raise KeyError(f"a rollout sample has no info[{POLICY_VERSION!r}]: it did not come from our generator")
+        staleness.append(current_version - int(sample.info[POLICY_VERSION].reshape(-1)[0]))
+    return staleness
+
+
+def drop_stale(samples, staleness: list[int], max_staleness: int | None):
+    """(kept samples, number dropped, metrics) with samples staler than `max_staleness` removed (None keeps all)."""
+    kept = [s for s, age in zip(samples, staleness, strict=True) if max_staleness is None or age <= max_staleness]
+    dropped = len(samples) - len(kept)
+    metrics = {
+        Metric.STALENESS_MEAN: sum(staleness) / len(staleness) if staleness else float("nan"),
+        Metric.STALENESS_MAX: float(max(staleness)) if staleness else float("nan"),
+        Metric.DROPPED_STALE: float(dropped),
+    }
+    return kept, dropped, metrics
+
+
+@ray.remote(num_cpus=0)
+class VersionedVLLMLock(VLLMLock.__ray_actor_class__):
+    """OpenRLHF's generation/broadcast lock, also counting weight broadcasts (the policy version)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._version = 0
+
+    async def bump_version(self) -> None:
+        self._version += 1
+
+    async def version(self) -> int:
+        return self._version
+
+
+class _VersionTaggingSamplesGenerator:
+    """Wraps OpenRLHF's SamplesGenerator: each generated sample gets the weight version that made it."""
+
+    def __init__(self, samples_generator, vllm_lock) -> None:
+        self._samples_generator = samples_generator
+        self._vllm_lock = vllm_lock
+
+    def generate_samples(self, **generate_kwargs):
+        # GenerateSamplesActor.fit calls this while holding the vLLM lock, so no broadcast can run in between.
+        version = ray.get(self._vllm_lock.version.remote())
+        samples, *rest = self._samples_generator.generate_samples(**generate_kwargs)
+        for sample in samples:
+            sample.info[POLICY_VERSION] = torch.full((len(sample.prompts),), version, dtype=torch.long)
+        return (samples, *rest)
+
+    def __getattr__(self, name):
+        return getattr(self._samples_generator, name)
+
+
+@ray.remote
+class VersionTaggingGenerateSamplesActor(GenerateSamplesActor.__ray_actor_class__):
+    """OpenRLHF's async generator; its samples carry `info["policy_version"]`."""
+
+    def __init__(self, *args, vllm_lock, **kwargs) -> None:
+        super().__init__(*args, vllm_lock=vllm_lock, **kwargs)
+        self.samples_generator = _VersionTaggingSamplesGenerator(self.samples_generator, vllm_lock)
+
+
+class _CountWeightBroadcasts(BasePPOTrainer):
+    # Sits between TrainingActor and BasePPOTrainer in the MRO: TrainingActor.broadcast_to_vllm takes the
+    # vLLM lock and then calls super(), so this bump happens inside the lock, right after the new weights land.
+    def broadcast_to_vllm(self) -> None:
+        super().broadcast_to_vllm()
+        ray.get(self.vllm_lock.bump_version.remote())
+
+
+@ray.remote
+class StalenessAwareTrainingActor(TrainingActor.__ray_actor_class__, _CountWeightBroadcasts):
+    """OpenRLHF's async training actor, with staleness metrics and `--entropic.max_staleness` dropping."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_staleness = EntroPICConfig.from_args(self.args).max_staleness
+        self.dropped_stale_total = 0
+
+    def train_step(self, rollout_samples, global_step: int):
+        # Only this actor bumps the version, so reading it here (outside the lock) is exact.
+        current_version = ray.get(self.vllm_lock.version.remote())
+        staleness = staleness_of(rollout_samples, current_version)
+        kept, dropped, metrics = drop_stale(rollout_samples, staleness, self.max_staleness)
+        self.dropped_stale_total += dropped
+        metrics[Metric.DROPPED_STALE] = float(self.dropped_stale_total)
+        if not kept:
+            # No update: log the drop at the same global step; the weights and step count stay as they are.
+            logger.warning(f"EntroPIC: dropped {dropped} samples staler than {self.max_staleness} policy versions")
+            return metrics, global_step
+        status, global_step = super().train_step(kept, global_step)
+        status.update(metrics)
+        return status, global_step
+
+
+@ray.remote
+class EntroPICPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
+    """OpenRLHF's async PPO trainer, built from the versioned lock, tagging generator and staleness-aware trainer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        with swap_attributes(
+            ppo_trainer_async,
+            VLLMLock=VersionedVLLMLock,
+            GenerateSamplesActor=VersionTaggingGenerateSamplesActor,
+            TrainingActor=StalenessAwareTrainingActor,
+        ):
+            super().__init__(*args, **kwargs)
