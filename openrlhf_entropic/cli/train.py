@@ -143,7 +143,7 @@ def load_pretrained(path: str):
 
 
 def build_task(args) -> dict:
-    """model_factory, reward_fn, train_rows and eval_rows for the run (embedded task or files)."""
+    """model_factory, reward_fn, correct_fn, train_rows and eval_rows (embedded task or files)."""
     from openrlhf_entropic.tasks import synthetic
 
     if args.pretrain:
@@ -154,7 +154,7 @@ def build_task(args) -> dict:
         factory()  # warm start once here, so the actors only read the cache
     if args.prompt_data is None:
         train_rows, eval_rows = synthetic.make_prompts()
-        reward_fn = synthetic.reward_func
+        reward_fn, correct_fn = synthetic.reward_func, synthetic.is_correct
     else:
         from openrlhf_entropic.tasks.data import load_prompts
 
@@ -170,7 +170,14 @@ def build_task(args) -> dict:
         from openrlhf_entropic.tasks.data import load_reward_func
 
         reward_fn = load_reward_func(args.reward_func)
-    return {"model_factory": factory, "reward_fn": reward_fn, "train_rows": train_rows, "eval_rows": eval_rows}
+        correct_fn = functools.partial(_positive_reward, reward_fn)
+    return {"model_factory": factory, "reward_fn": reward_fn, "correct_fn": correct_fn, "train_rows": train_rows,
+            "eval_rows": eval_rows}
+
+
+def _positive_reward(reward_fn, queries, prompts, labels) -> list[bool]:
+    """pass@k verdicts for a reward file: a sample is correct when its reward is > 0."""
+    return [reward > 0 for reward in reward_fn(queries, prompts, labels)]
 
 
 def main(argv: list[str] | None = None) -> dict:

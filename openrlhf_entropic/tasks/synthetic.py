@@ -24,6 +24,7 @@ import torch
 LETTERS = "abcdefghijkl"
 SET_SIZE = 4
 PAD, EOS, EQUALS = "<pad>", "<eos>", "="
+SUCCESS_PROB = 0.7
 MODEL_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
@@ -71,18 +72,24 @@ def make_prompts(num_eval: int = 48, seed: int = 1234) -> tuple[list[dict], list
     return rows[num_eval:], rows[:num_eval]
 
 
-def reward_func(queries: list[str], prompts: list[str], labels: list[str]) -> list[float]:
-    """1.0 when the response (query minus prompt) is two different letters of the label set, else 0.0.
-
-    Same signature as an OpenRLHF reward file, so the embedded task and file data share one path.
-    """
-    rewards = []
+def is_correct(queries: list[str], prompts: list[str], labels: list[str]) -> list[bool]:
+    """True when the response (query minus prompt) is two different letters of the label set."""
+    verdicts = []
     for query, prompt, label in zip(queries, prompts, labels, strict=True):
         answer = query[len(prompt):].replace(EOS, " ").split()
-        allowed = set(label.split())
-        correct = len(answer) == 2 and answer[0] != answer[1] and set(answer) <= allowed
-        rewards.append(1.0 if correct else 0.0)
-    return rewards
+        verdicts.append(len(answer) == 2 and answer[0] != answer[1] and set(answer) <= set(label.split()))
+    return verdicts
+
+
+def reward_func(queries: list[str], prompts: list[str], labels: list[str]) -> list[float]:
+    """1.0 with probability SUCCESS_PROB for a correct response, else 0.0 (a noisy verifier).
+
+    The noise keeps reward variance inside a group even once every answer is correct, as on real
+    tasks, so policy-gradient advantages (and with them EntroPIC's lever) never vanish. Draws use
+    torch's RNG, which checkpoints save. Same signature as an OpenRLHF reward file.
+    """
+    lucky = (torch.rand(len(queries)) < SUCCESS_PROB).tolist()
+    return [float(ok and luck) for ok, luck in zip(is_correct(queries, prompts, labels), lucky, strict=True)]
 
 
 def warm_start(model, tokenizer, train_rows: list[dict], steps: int = 150, lr: float = 3e-3, seed: int = 0):

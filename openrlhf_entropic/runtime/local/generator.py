@@ -9,6 +9,7 @@ two match exactly on fresh weights; with top-p < 1 the ratio pi/mu also carries 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -86,12 +87,13 @@ class Generator:
         return version
 
     def generate(self, job: dict) -> dict:
-        """Sample the job's prompt rows and return {"uid", "samples", "dropped_nan"}.
+        """Sample the job's prompt rows and return {"uid", "samples", "dropped_nan", "seconds"}.
 
         Each sample gets reward, advantage (within its prompt group), version and job uid. A sample
         whose reward is NaN/inf is dropped here and counted in `dropped_nan`; never trained on.
         """
         cfg = self.sampling
+        started = time.perf_counter()
         samples = sample_responses(self.model, self.tokenizer, job["rows"], cfg["n_samples"], cfg["temperature"],
                                    cfg["top_p"], cfg["max_new_tokens"])
         rewards = score_samples(samples, self.reward_fn)
@@ -101,7 +103,8 @@ class Generator:
         flat_advantages = [a for group in advantages for a in group]  # `kept` is in group order too
         for (sample, reward), advantage in zip(kept, flat_advantages, strict=True):
             sample.update(reward=reward, advantage=advantage, version=self.version, uid=job["uid"])
-        return {"uid": job["uid"], "samples": [s for s, _ in kept], "dropped_nan": len(samples) - len(kept)}
+        return {"uid": job["uid"], "samples": [s for s, _ in kept], "dropped_nan": len(samples) - len(kept),
+                "seconds": time.perf_counter() - started}
 
     def get_rng_state(self) -> torch.Tensor:
         """Torch RNG state [bytes] (uint8), saved in checkpoints so a resumed run samples the same."""

@@ -10,6 +10,7 @@ coefficients is back-propagated. Old log-probs in the PPO ratio are the behavior
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from openrlhf_entropic.entropic import (
     importance_weighted_entropy,
     masked_mean,
 )
-from openrlhf_entropic.runtime.local.generator import sample_responses, score_samples
+from openrlhf_entropic.runtime.local.generator import sample_responses
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -119,6 +120,7 @@ class Learner:
         (entropies token-weighted), so rank 0's dict speaks for all.
         """
         cfg, settings = self.entropic, self.settings
+        started = time.perf_counter()
         batch = collate(samples, self.tokenizer.pad_token_id)
         micro = settings["micro_train_batch_size"]
         local_mini = settings["train_batch_size"] // self.world_size
@@ -160,6 +162,7 @@ class Learner:
             "target_entropy": self.controller.target,
             "nonfinite_skipped": self.controller.nonfinite_skipped,
             "version": self.version,
+            "train_seconds": time.perf_counter() - started,
         }
 
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -167,22 +170,22 @@ class Learner:
         return {name: tensor.detach().cpu().clone() for name, tensor in self.engine.module.state_dict().items()}
 
     @torch.no_grad()
-    def evaluate(self, rows: list[dict], reward_fn, n_samples: int, k: int, sampling: dict) -> dict:
-        """Fresh samples of `rows` from the current weights: true entropy, reward, pass@1 and pass@k.
+    def evaluate(self, rows: list[dict], correct_fn, n_samples: int, k: int, sampling: dict) -> dict:
+        """Fresh samples of `rows` from the current weights: true entropy, pass@1 and pass@k.
 
         The true entropy is the plain token mean of the current policy's entropy on its own samples.
-        A sample counts as correct when its reward is > 0.
+        `correct_fn(queries, prompts, labels) -> list[bool]` judges each sample.
         """
         from openrlhf_entropic.tasks.data import pass_at_k
 
         samples = sample_responses(self.engine.module, self.tokenizer, rows, n_samples, sampling["temperature"],
                                    sampling["top_p"], sampling["max_new_tokens"])
-        rewards = score_samples(samples, reward_fn)
+        verdicts = correct_fn([s["text"] for s in samples], [s["prompt"] for s in samples],
+                              [s["label"] for s in samples])
         batch = collate(samples, self.tokenizer.pad_token_id)
         _, entropy = policy_outputs(self.engine.module, batch, sampling["temperature"], self.entropic.entropy_chunk_size)
-        correct = [[rewards[g * n_samples + j] > 0 for j in range(n_samples)] for g in range(len(rows))]
+        correct = [[bool(verdicts[g * n_samples + j]) for j in range(n_samples)] for g in range(len(rows))]
         return {"entropy_true": float(masked_mean(entropy, batch["mask"])),
-                "eval_reward_mean": sum(rewards) / len(rewards),
                 "pass_at_1": pass_at_k(correct, 1), "pass_at_k": pass_at_k(correct, k)}
 
     def save(self, directory: str) -> dict:

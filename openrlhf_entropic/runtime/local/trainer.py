@@ -9,10 +9,11 @@ K > 0 they run up to K batches ahead while the learners train.
 metrics.jsonl: one JSON line per training step, keys = the part after the slash of `Metric`
 names (step, entropy, entropy_iw, ess_fraction, alpha, p_term, i_term, target_entropy,
 policy_loss, clip_fraction, adjusted_fraction, reward_mean, staleness_mean, staleness_max,
-samples_per_second, dropped_stale, nonfinite_skipped) plus dropped_nan, generator_restarts and
-seconds. Every `--eval-steps` steps (and at the last step) the same line also carries the
-evaluation: entropy_true, pass_at_1, pass_at_k, k and eval_reward_mean (extra keys on that
-step's row, no separate eval rows). A resumed run appends; steps after the checkpoint are
+samples_per_second, dropped_stale, nonfinite_skipped) plus dropped_nan, generator_restarts,
+requeued_jobs, generate_seconds (cumulative time inside generate), train_seconds (this step's
+time inside the learners) and seconds (since start). Every `--eval-steps` steps (and at the
+last step) the same line also carries the evaluation: entropy_true, pass_at_1, pass_at_k and k
+(extra keys on that step's row, no separate eval rows). A resumed run appends; steps after the checkpoint are
 logged again and the later line wins.
 
 Checkpoints (`<output-dir>/checkpoints/step_<n>/`, `latest` names the newest): model weights
@@ -55,8 +56,8 @@ def _free_port() -> int:
 class LocalTrainer:
     """Owns the Ray actors and runs the loop. `args` is the CLI namespace (see `cli/train.py`).
 
-    `task` holds model_factory (picklable, returns (model, tokenizer)), reward_fn, train_rows and
-    eval_rows. Call `run()`; tests may call `setup()` and `train(steps)` to act between steps.
+    `task` holds model_factory (picklable, returns (model, tokenizer)), reward_fn, correct_fn (for
+    pass@k), train_rows and eval_rows. Call `run()`; tests may call `setup()` and `train(steps)` to act between steps.
     """
 
     def __init__(self, args, entropic: EntroPICConfig, task: dict):
@@ -70,7 +71,7 @@ class LocalTrainer:
                          "top_p": args.top_p, "max_new_tokens": args.generate_max_len, "advantage": args.advantage}
         self.rng = np.random.default_rng(args.seed)
         self.step = self.version = self.synced_version = self.next_uid = 0
-        self.counters = {"dropped_nan": 0, "generator_restarts": 0, "requeued_jobs": 0}
+        self.counters = {"dropped_nan": 0, "generator_restarts": 0, "requeued_jobs": 0, "generate_seconds": 0.0}
         self.inflight: dict = {}  # ObjectRef -> (job, generator index, generator handle)
         self.requeue: deque[dict] = deque()  # jobs whose generator died, launched again first
         self.consumed_uids: list[int] = []  # job uid of every trained sample, in order (tests check it)
@@ -183,6 +184,7 @@ class LocalTrainer:
                 self.requeue.appendleft(job)
                 continue
             self.counters["dropped_nan"] += result["dropped_nan"]
+            self.counters["generate_seconds"] += result["seconds"]
             if result["samples"]:
                 ray.get(self.buffer.put.remote(result["samples"]))
 
@@ -205,6 +207,8 @@ class LocalTrainer:
             shard = self.batch_samples // self.args.num_learners
             results = ray.get([learner.train_step.remote(batch[rank * shard:(rank + 1) * shard])
                                for rank, learner in enumerate(self.learners)])
+            if len({result["alpha"] for result in results}) != 1:  # the all-reduce must keep ranks identical
+                raise RuntimeError(f"learner ranks disagree on alpha: {[r['alpha'] for r in results]}")
             self.version += 1
             self.step += 1
             self.consumed_uids.extend(sample["uid"] for sample in batch)
@@ -226,7 +230,7 @@ class LocalTrainer:
                **self.counters, "seconds": time.time() - self.started}
         if self.step % self.args.eval_steps == 0 or self.step == self.args.steps:
             rows = self.task["eval_rows"]
-            row.update(ray.get(self.learners[0].evaluate.remote(rows, self.task["reward_fn"], self.args.eval_n_samples,
+            row.update(ray.get(self.learners[0].evaluate.remote(rows, self.task["correct_fn"], self.args.eval_n_samples,
                                                               self.args.eval_k, self.sampling)), k=self.args.eval_k)
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -275,20 +279,32 @@ class LocalTrainer:
         logger.info("resumed from %s at step %d", directory, self.step)
         return True
 
+    def close(self) -> None:
+        """Flush the event file and stop this trainer's actors (the Ray cluster itself stays up)."""
+        import ray
+
+        self.writer.close()
+        for actor in [self.buffer, *self.learners, *self.generators]:
+            ray.kill(actor)
+
     # ----- the whole run ------------------------------------------------------------------------
     def run(self) -> dict:
-        """Set up, optionally resume, train to --steps with a progress bar, write summary.json."""
+        """Set up (unless done), optionally resume, train to --steps with a progress bar, write summary.json."""
         from tqdm import tqdm
 
         from openrlhf_entropic.runtime.summary import summarize
 
-        self.setup()
-        with tqdm(total=self.args.steps, initial=self.step, desc="train", disable=self.args.no_progress) as bar:
-            while self.step < self.args.steps:
-                row = self.train(1)[0]
-                bar.update(1)
-                bar.set_postfix(H=f"{row['entropy']:.3f}", alpha=f"{row['alpha']:+.2f}", R=f"{row['reward_mean']:.2f}")
-        self.writer.close()
+        if not hasattr(self, "learners"):
+            self.setup()
+        try:
+            with tqdm(total=self.args.steps, initial=self.step, desc="train", disable=self.args.no_progress) as bar:
+                while self.step < self.args.steps:
+                    row = self.train(1)[0]
+                    bar.update(1)
+                    bar.set_postfix(H=f"{row['entropy']:.3f}", alpha=f"{row['alpha']:+.2f}",
+                                    R=f"{row['reward_mean']:.2f}")
+        finally:
+            self.close()
         rows = [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines() if line]
         summary = summarize(rows, self.entropic.target_entropy)
         summary.update(dropped_stale=rows[-1]["dropped_stale"], dropped_nan=self.counters["dropped_nan"],

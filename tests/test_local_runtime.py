@@ -1,0 +1,128 @@
+"""End-to-end tests of the embedded runtime on a small local Ray cluster (tiny settings)."""
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from openrlhf_entropic.cli.train import build_task, main, parse_args  # noqa: E402
+from openrlhf_entropic.runtime.local.trainer import LocalTrainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    yield str(tmp_path_factory.mktemp("warm_start"))
+    ray.shutdown()
+
+
+def make_trainer(cache, output_dir, *flags):
+    argv = ["--output-dir", str(output_dir), "--warm-start-cache", cache, "--warm-start-steps", "30",
+            "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--train-batch-size", "16",
+            "--micro-train-batch-size", "8", "--eval-steps", "2", "--eval-n-samples", "4", "--eval-k", "2",
+            "--no-progress", *flags]
+    args, entropic = parse_args(argv)
+    return LocalTrainer(args, entropic, build_task(args))
+
+
+def rows_of(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_run_syncs_weights_and_writes_its_outputs(cache, tmp_path):
+    trainer = make_trainer(cache, tmp_path, "--steps", "4", "--entropic.enable")
+    trainer.setup()
+    trainer.train(2)
+    learner_weights = ray.get(trainer.learners[0].get_weights.remote())
+    generator_weights = ray.get(trainer.generators[0].__ray_call__.remote(lambda g: g.model.state_dict()))
+    assert all(torch.equal(learner_weights[k], generator_weights[k]) for k in learner_weights)
+    assert ray.get(trainer.generators[0].__ray_call__.remote(lambda g: g.version)) == 2
+    summary = trainer.run()
+
+    rows = rows_of(tmp_path)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["staleness_max"] == 0 and row["dropped_stale"] == 0
+        # fresh samples: the importance-weighted estimate is the plain mean (up to generate's numerics)
+        assert abs(row["entropy_iw"] - row["entropy"]) < 1e-4 and row["ess_fraction"] > 0.999
+    assert {"entropy_true", "pass_at_1", "pass_at_k"} <= rows[1].keys() and "entropy_true" not in rows[0]
+    assert rows[0]["alpha"] != 0.0  # EntroPIC on: the controller acted
+    for key in ("entropy_initial", "entropy_final", "entropy_tracking_error", "entropy_eval_tracking_error",
+                "reward_final", "pass_at_1", "pass_at_k", "k", "samples_per_second", "staleness_mean",
+                "staleness_max", "dropped_stale", "steps", "seconds"):
+        assert summary[key] is not None, key
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_resumed_on_policy_run_continues_with_the_same_alphas(cache, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    make_trainer(cache, full, "--steps", "6", "--save-steps", "3", "--entropic.enable").run()
+    reference = rows_of(full)
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    (resumed / "checkpoints" / "latest").write_text("step_3")
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in reference[:3]))
+    make_trainer(cache, resumed, "--steps", "6", "--entropic.enable", "--resume").run()
+
+    continued = rows_of(resumed)
+    assert [row["step"] for row in continued] == [1, 2, 3, 4, 5, 6]  # appended, up to the --steps total
+    for ours, theirs in zip(continued[3:], reference[3:], strict=True):
+        assert ours["alpha"] == pytest.approx(theirs["alpha"], abs=1e-6)
+        assert ours["i_term"] == pytest.approx(theirs["i_term"], abs=1e-6)
+        assert ours["entropy"] == pytest.approx(theirs["entropy"], abs=1e-5)
+
+
+def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path):
+    trainer = make_trainer(cache, tmp_path, "--steps", "6", "--mode", "async", "--max-staleness", "2",
+                           "--num-generators", "2", "--num-learners", "2", "--entropic.enable")
+    trainer.setup()
+    trainer.train(2)
+    ray.kill(trainer.generators[0], no_restart=True)
+    trainer._fill(pending_train=0)  # jobs now sent to the dead actor must come back through the re-queue
+    assert any(index == 0 for _, index, _ in trainer.inflight.values()), "generator 0 should have work in flight"
+    rows = trainer.train(4)
+    assert trainer.counters["generator_restarts"] == 1 and trainer.counters["requeued_jobs"] >= 1
+    assert all(row["staleness_max"] <= 2 for row in rows) and any(row["staleness_max"] > 0 for row in rows)
+
+    job_samples = trainer.job_prompts * 4
+    buffered = ray.get(trainer.buffer.__ray_call__.remote(lambda b: [s["uid"] for s in b.samples]))
+    held = Counter(trainer.consumed_uids) + Counter(buffered)
+    pending = [job["uid"] for job, _, _ in trainer.inflight.values()] + [job["uid"] for job in trainer.requeue]
+    dropped = ray.get(trainer.buffer.stats.remote())["dropped_stale"]
+    assert len(trainer.consumed_uids) == 6 * 16
+    assert max(held.values()) <= job_samples  # nothing counted twice
+    assert sum(held.values()) + job_samples * len(pending) + dropped == trainer.next_uid * job_samples  # none lost
+    trainer.close()
+
+
+def test_file_data_with_nan_rewards_and_a_malformed_row(cache, tmp_path):
+    from openrlhf_entropic.tasks import synthetic
+
+    train, _ = synthetic.make_prompts()
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["label"]}) + "\n" for r in train[:40]))
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "from openrlhf_entropic.tasks.synthetic import reward_func as exact\n"
+        "def reward_func(queries, prompts, labels):\n"
+        "    scores = exact(queries, prompts, labels)\n"
+        "    return [float('nan') if q[len(p):].split()[0] == l.split()[0] else s\n"
+        "            for q, p, l, s in zip(queries, prompts, labels, scores)]\n")
+    flags = ["--output-dir", str(tmp_path / "run"), "--warm-start-cache", cache, "--warm-start-steps", "30",
+             "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--train-batch-size", "16",
+             "--micro-train-batch-size", "16", "--steps", "2", "--eval-steps", "2", "--eval-n-samples", "2",
+             "--eval-k", "1", "--no-progress", "--prompt-data", str(data), "--input-key", "question",
+             "--label-key", "answer", "--reward-func", str(reward)]
+    summary = main(flags)
+    assert summary["dropped_nan"] > 0 and summary["steps"] == 2
+    assert all(row["reward_mean"] == row["reward_mean"] for row in rows_of(tmp_path / "run"))  # no NaN trained on
+
+    data.write_text(data.read_text() + '{"question": "a b c d =", "answer": 3}\n')
+    with pytest.raises(ValueError, match=r"prompts\.jsonl.*41"):
+        main(flags)
