@@ -69,6 +69,19 @@ def test_nan_and_missing_values_are_counted_not_averaged():
     assert summary["steps"] == 12
 
 
+def test_the_controller_estimate_entropy_iw_is_scored_when_logged():
+    rows = make_rows(steps=40, entropy=lambda s: 0.9)  # plain mean on stale samples: biased
+    assert summarize(rows, 0.5)["entropy_series"] == "entropy"
+    for row in rows:
+        row["entropy_iw"] = 0.5
+    rows[0]["entropy_iw"] = float("nan")
+    summary = summarize(rows, 0.5)
+    assert summary["entropy_series"] == "entropy_iw"
+    assert summary["entropy_tracking_error"] == pytest.approx(0.0)
+    assert summary["entropy_initial"] == pytest.approx(0.5)
+    assert summary["skipped_values"] == {"entropy_iw": 1}
+
+
 def test_resumed_run_repeated_steps_keep_the_last_row():
     rows = make_rows(steps=10)
     rows += [{**row, "entropy": 2.0} for row in make_rows(steps=10)[6:]]  # resumed from step 6

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from openrlhf_entropic.entropic.config import LOSS_MODES
-from openrlhf_entropic.runtime.summary import load_run, summarize
+from openrlhf_entropic.runtime.summary import is_finite, load_run, summarize
 
 # Rows of the report table, in this order.
 REPORT_FIELDS = (
@@ -50,7 +49,7 @@ REPORT_FIELDS = (
 )
 # One PNG per metric: (file, row key, y-axis label).
 PLOTS = (
-    ("entropy.png", "entropy", "token entropy (nats)"),
+    ("entropy.png", "entropy", "training-time token entropy H (nats)"),
     ("alpha.png", "alpha", "EntroPIC alpha"),
     ("reward.png", "reward_mean", "mean reward"),
     ("staleness.png", "staleness_mean", "mean staleness (policy versions)"),
@@ -192,10 +191,6 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: float | None, failures: list[str]):
     """Write report.md, report.json and the PNG plots for `runs` ({cell: run dirs}); return the report dict."""
     cells: dict[str, dict] = {}
@@ -212,15 +207,16 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
         summaries = [summary for summary, _, _ in loaded]
         for summary in summaries:
             initial, final = summary.get("entropy_initial"), summary.get("entropy_final")
-            if _is_number(initial) and _is_number(final) and initial > 0:
+            if is_finite(initial) and is_finite(final) and initial > 0:
                 summary["entropy_final_over_initial"] = final / initial
+        entropy_key = summaries[0].get("entropy_series", "entropy")
         skipped = defaultdict(int)
         for summary in summaries:
             for key, count in summary.get("skipped_values", {}).items():
                 skipped[key] += count
         fields = {}
         for field in REPORT_FIELDS:
-            values = [s[field] for s in summaries if _is_number(s.get(field))]
+            values = [s[field] for s in summaries if is_finite(s.get(field))]
             stats = mean_std(values)
             fields[field] = {"mean": stats[0], "std": stats[1], "values": values} if stats else None
         cells[name] = {
@@ -229,7 +225,11 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
             "k": sorted({s["k"] for s in summaries if s.get("k") is not None}),
             "fields": fields,
             "skipped_values": dict(sorted(skipped.items())),
-            "series": {key: _mean_over_seeds([rows for _, rows, _ in loaded], key) for _, key, _ in PLOTS},
+            # The entropy plot shows the series the summary scored (entropy_iw when logged).
+            "series": {
+                key: _mean_over_seeds([rows for _, rows, _ in loaded], entropy_key if key == "entropy" else key)
+                for _, key, _ in PLOTS
+            },
             "eval_entropy": _mean_over_seeds([evals for _, _, evals in loaded], "entropy_true"),
         }
 
@@ -253,9 +253,7 @@ def _mean_over_seeds(row_lists: list[list[dict]], key: str) -> tuple[list[float]
     Within one seed a repeated step (a resumed run) keeps its last value, as in the summary."""
     by_step = defaultdict(list)
     for rows in row_lists:
-        last = {
-            row["step"]: float(row[key]) for row in rows if _is_number(row.get(key)) and _is_number(row.get("step"))
-        }
+        last = {row["step"]: float(row[key]) for row in rows if is_finite(row.get(key)) and is_finite(row.get("step"))}
         for step, value in last.items():
             by_step[step].append(value)
     steps = sorted(by_step)

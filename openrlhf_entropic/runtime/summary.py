@@ -4,8 +4,11 @@ Definitions used by every field of `summarize`:
 - A *series* is one metric over the training steps, in step order. A row that lacks the key or
   holds NaN/inf is left out of that series and counted in `skipped_values[key]` (and logged), so
   a hole in the log never turns into a silently wrong average.
+- H, the training-time entropy, is `entropy_iw` (the estimate the controller sees; it equals the
+  plain token mean on fresh samples) when the run logs it, else `entropy` (the plain token mean
+  on the training batch); `entropy_series` in the summary names the key used.
 - entropy_tracking_error = mean over the second half of the series (points n//2 .. n-1) of
-  |MA20(H) - H*| / H*, with H = the logged `entropy` and MA20 the trailing mean of the last 20
+  |MA20(H) - H*| / H*, with MA20 the trailing mean of the last 20
   points. The first 19 points average what exists so far (1..19 points); they matter only for
   runs shorter than 40 steps, since only the second half is scored.
 - entropy_eval_tracking_error: the same formula on the evaluations' `entropy_true`, MA over 5.
@@ -55,14 +58,14 @@ def summarize(rows: list[dict], target_entropy: float, eval_rows: list[dict] | N
     def series(source: list[dict], key: str) -> list[float]:
         values = []
         for row in source:
-            value = row.get(key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                skipped[key] += 1
+            if is_finite(row.get(key)):
+                values.append(float(row[key]))
             else:
-                values.append(float(value))
+                skipped[key] += 1
         return values
 
-    entropy = series(rows, "entropy")
+    entropy_key = "entropy_iw" if any(is_finite(row.get("entropy_iw")) for row in rows) else "entropy"
+    entropy = series(rows, entropy_key)
     reward = series(rows, "reward_mean")
     speed = series(rows, "samples_per_second")
     staleness_mean = series(rows, "staleness_mean")
@@ -78,6 +81,7 @@ def summarize(rows: list[dict], target_entropy: float, eval_rows: list[dict] | N
         "entropy_tracking_error": tracking_error(entropy, target_entropy, TRAIN_MA_WINDOW),
         "entropy_eval_tracking_error": tracking_error(true_entropy, target_entropy, EVAL_MA_WINDOW),
         "target_entropy": target_entropy,
+        "entropy_series": entropy_key,
         "reward_final": _mean(reward[-ENDPOINT_POINTS:]),
         "samples_per_second": _harmonic_mean(speed[len(speed) // 2 :]),
         "staleness_mean": _mean(staleness_mean),
@@ -100,6 +104,11 @@ def tracking_error(values: list[float], target: float, window: int) -> float | N
         return None
     moving = [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
     return _mean([abs(m - target) / target for m in moving[len(moving) // 2 :]])
+
+
+def is_finite(value) -> bool:
+    """A real number (not a bool, None, text, NaN or inf)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -126,11 +135,10 @@ def _one_row_per_step(rows: list[dict], skipped: dict[str, int]) -> list[dict]:
     after its checkpoint). Rows without a step are counted in `skipped["step"]` and left out."""
     by_step = {}
     for row in rows:
-        step = row.get("step")
-        if isinstance(step, bool) or not isinstance(step, int | float) or not math.isfinite(step):
+        if not is_finite(row.get("step")):
             skipped["step"] += 1
             continue
-        by_step[step] = row
+        by_step[row["step"]] = row
     return [by_step[step] for step in sorted(by_step)]
 
 
