@@ -106,6 +106,10 @@ def test_eval_rows_separate_or_on_the_step_row_give_the_same_summary():
     expected = sum(abs(m - 0.25) / 0.25 for m in moving[4:]) / 4
     assert a["entropy_eval_tracking_error"] == pytest.approx(expected)
     assert (a["pass_at_1"], a["pass_at_k"], a["k"], a["evaluations"], a["steps"]) == (0.2, 0.6, 8, 8, 40)
+    separate[-1]["pass_at_k"] = float("nan")  # the last evaluation's pass@k is lost: the one before stands
+    separate[-2]["pass_at_k"] = 0.5
+    c = summarize(separate, 0.25)
+    assert c["pass_at_k"] == 0.5 and c["skipped_values"] == {"pass_at_k": 1}
 
 
 def test_bad_target_is_rejected():

@@ -17,7 +17,7 @@ Definitions used by every field of `summarize`:
 - samples_per_second: harmonic mean of the per-step rates over the second half (steady state,
   after start-up). Every step trains the same batch, so that is samples / seconds over those steps.
 - staleness_mean: mean of the per-step means; staleness_max: the largest per-step max.
-- pass_at_1 / pass_at_k / k: from the last evaluation that logged them.
+- pass_at_1 / pass_at_k / k: from the last evaluation that logged a finite value.
 A field whose series is empty is None (JSON null), never 0.
 """
 
@@ -71,7 +71,8 @@ def summarize(rows: list[dict], target_entropy: float, eval_rows: list[dict] | N
     staleness_mean = series(rows, "staleness_mean")
     staleness_max = series(rows, "staleness_max")
     true_entropy = series(eval_rows, "entropy_true")
-    last_eval = next((row for row in reversed(eval_rows) if "pass_at_1" in row or "pass_at_k" in row), {})
+    pass_at_1, pass_at_k = series(eval_rows, "pass_at_1"), series(eval_rows, "pass_at_k")
+    k = next((row["k"] for row in reversed(eval_rows) if is_finite(row.get("k"))), None)
 
     for key, count in sorted(skipped.items()):
         logger.warning("summary: %d rows without a finite %r were left out of its series", count, key)
@@ -86,9 +87,9 @@ def summarize(rows: list[dict], target_entropy: float, eval_rows: list[dict] | N
         "samples_per_second": _harmonic_mean(speed[len(speed) // 2 :]),
         "staleness_mean": _mean(staleness_mean),
         "staleness_max": max(staleness_max) if staleness_max else None,
-        "pass_at_1": last_eval.get("pass_at_1"),
-        "pass_at_k": last_eval.get("pass_at_k"),
-        "k": last_eval.get("k"),
+        "pass_at_1": pass_at_1[-1] if pass_at_1 else None,
+        "pass_at_k": pass_at_k[-1] if pass_at_k else None,
+        "k": k,
         "steps": len(rows),
         "evaluations": len(eval_rows),
         "skipped_values": dict(sorted(skipped.items())),
