@@ -259,3 +259,25 @@ def test_discover_runs_at_any_depth(tmp_path):
     assert list(runs) == ["grpo_on_policy", "entropic_async", "cluster/run_name", "deep/er/run"]
     assert runs["entropic_async"] == [tmp_path / "entropic_async" / "seed0", tmp_path / "entropic_async" / "seed3"]
     assert runs["cluster/run_name"] == [tmp_path / "cluster" / "run_name"]
+
+
+def test_ctrl_c_stops_the_grid_and_still_reports_finished_runs(tmp_path, fake_train, monkeypatch):
+    import subprocess
+
+    from openrlhf_entropic.cli import compare
+
+    calls, real_run = [], subprocess.run
+
+    def run_then_interrupt(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(compare.subprocess, "run", run_then_interrupt)
+    out = tmp_path / "out"
+    assert main(["--output-dir", str(out), "--steps", "5", "--train-module", fake_train]) == 1
+    assert len(calls) == 2  # nothing started after the interrupt
+    report = (out / "report.md").read_text()
+    assert list(table(report)["seeds"]) == ["grpo_on_policy"]
+    assert "entropic_on_policy seed0: interrupted; later runs not started" in report
