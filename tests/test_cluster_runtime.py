@@ -16,6 +16,7 @@ import socket
 import cluster_standins  # noqa: F401  (must precede every openrlhf import)
 import pytest
 import torch
+from cluster_launch import OPENRLHF_ARGV
 from openrlhf.models import Actor, PolicyLoss
 from openrlhf.trainer.ppo_utils.experience import Experience
 
@@ -36,6 +37,8 @@ from openrlhf_entropic.runtime.openrlhf.async_trainer import (
     drop_stale,
     staleness_of,
 )
+
+pytest_plugins = ["cluster_launch"]  # the cli_args fixture
 
 VOCAB = 48
 
@@ -202,54 +205,6 @@ def test_versioned_lock_counts_broadcasts():
 
 
 # ----- Flag plumbing: argv -> OpenRLHF's own __main__ -> the args every Ray actor receives -----
-
-OPENRLHF_ARGV = [
-    "--actor.model_name_or_path", "tiny-random-llama",  # never loaded: the run stops before train()
-    "--reward.remote_url", "examples/python/math_reward_func.py",
-    "--algo.advantage.estimator", "group_norm",
-    "--rollout.n_samples_per_prompt", "2",
-    "--rollout.batch_size", "2",
-    "--rollout.temperature", "0.7",
-    "--train.batch_size", "2",
-    "--train.micro_batch_size", "1",
-    "--actor.num_gpus_per_node", "1",
-    "--train.async_enable",
-]  # fmt: skip
-
-
-class _StopBeforeRay(Exception):
-    pass
-
-
-@pytest.fixture
-def cli_args(monkeypatch):
-    """Run our CLI's main() on argv through OpenRLHF's real __main__ block; return the args train() got."""
-    import pickle
-
-    import ray
-
-    from openrlhf_entropic.cli import train_ppo_ray as cli
-
-    captured = []
-    real_prepare = cli.prepare_openrlhf_args
-
-    def capture(args, config):
-        captured.append(real_prepare(args, config))
-        return captured[-1]
-
-    def stop(*args, **kwargs):
-        raise _StopBeforeRay
-
-    monkeypatch.setattr(cli, "prepare_openrlhf_args", capture)
-    monkeypatch.setattr(ray, "init", stop)  # train() calls ray.init first: stop there, on CPU
-
-    def run(entropic_argv, openrlhf_argv=OPENRLHF_ARGV):
-        with pytest.raises(_StopBeforeRay):
-            cli.main([*entropic_argv, *openrlhf_argv])
-        assert len(captured) == 1, "OpenRLHF's __main__ must call hierarchize exactly once"
-        return pickle.loads(pickle.dumps(captured.pop()))  # Ray pickles strategy.args to every actor
-
-    return run
 
 
 def test_flags_reach_the_config_the_actor_builds(cli_args):
