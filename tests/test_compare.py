@@ -208,13 +208,16 @@ def test_ablation_grid_runs_one_entropic_cell_per_mode(tmp_path, fake_train):
     ]
 
 
-def write_openrlhf_tensorboard(log_dir: Path, entropy: float, reward: float) -> None:
+def write_openrlhf_tensorboard(log_dir: Path, entropy: float, reward: float, step_seconds: float | None = None):
     """What the cluster runtime leaves: OpenRLHF's train/ and eval/ tags, in <tensorboard_dir>/<run_name>/."""
     writer = SummaryWriter(log_dir=str(log_dir / "run_name"))
     for step in range(1, 41):
         writer.add_scalar("train/entropic/entropy", entropy, step)
         writer.add_scalar("train/entropic/alpha", 0.05, step)
         writer.add_scalar("train/rollout/reward_mean", reward, step)
+        if step_seconds is not None:
+            writer.add_scalar("train/rollout/num_samples", 64.0, step)
+            writer.add_scalar("train/timing/step_total", step_seconds, step)
         if step % 20 == 0:
             writer.add_scalar("eval/eval_math_pass1", reward, step)
             writer.add_scalar("eval/eval_math_pass8", 2 * reward, step)
@@ -240,6 +243,17 @@ def test_report_from_cluster_tensorboard_runs(tmp_path):
     assert rows["staleness_mean"] == {"grpo": "n/a", "entropic": "n/a"}  # OpenRLHF logs none
     assert (out / "entropy.png").is_file() and (out / "alpha.png").is_file()
     assert not (out / "staleness.png").exists()  # nothing to draw
+
+
+def test_speedup_pairs_the_cluster_scripts_off_policy_names(tmp_path):
+    write_openrlhf_tensorboard(tmp_path / "on", entropy=0.1, reward=0.3, step_seconds=4.0)
+    write_openrlhf_tensorboard(tmp_path / "off", entropy=0.1, reward=0.3, step_seconds=2.5)
+    out = tmp_path / "report"
+    runs = [f"entropic_off_policy={tmp_path / 'off'}", f"entropic_on_policy={tmp_path / 'on'}"]
+    assert main(["--report-only", "--runs", *runs, "--output-dir", str(out), "--target-entropy", "0.1"]) == 0
+    rows = table((out / "report.md").read_text())
+    assert rows["samples_per_second"] == {"entropic_off_policy": "25.6 ± 0", "entropic_on_policy": "16 ± 0"}
+    assert rows["speedup_vs_on_policy"] == {"entropic_off_policy": "1.6x", "entropic_on_policy": ""}
 
 
 def test_report_only_without_runs_fails_clearly(tmp_path, capsys):

@@ -142,10 +142,18 @@ def discover_runs(root: Path) -> dict[str, list[Path]]:
         runs[_cell_of(run_dir, root)].append(run_dir)
 
     def grid_order(name: str) -> tuple:  # a fresh compare's column order (on-policy, GRPO first), then the rest
-        regime = 0 if name.endswith("_on_policy") else 1 if name.endswith("_async") else 2
+        regime = {"on_policy": 0, "async": 1}.get(_split_regime(name)[1], 2)
         return (regime, not name.startswith("grpo"), name)
 
     return {name: runs[name] for name in sorted(runs, key=grid_order)}
+
+
+def _split_regime(name: str) -> tuple[str, str | None]:
+    """ "entropic_async" -> ("entropic", "async"); "_off_policy" (the cluster scripts' name) counts as async."""
+    for suffix, regime in (("_on_policy", "on_policy"), ("_async", "async"), ("_off_policy", "async")):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), regime
+    return name, None
 
 
 def _cell_of(run_dir: Path, root: Path) -> str:
@@ -235,7 +243,8 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
 
     # The async speed-up: samples_per_second of X_async over that of X_on_policy (ratio of the means).
     for name, cell in cells.items():
-        base = cells.get(name.removesuffix("_async") + "_on_policy") if name.endswith("_async") else None
+        algorithm, regime = _split_regime(name)
+        base = cells.get(f"{algorithm}_on_policy") if regime == "async" else None
         fast, slow = cell["fields"]["samples_per_second"], base and base["fields"]["samples_per_second"]
         cell["speedup_vs_on_policy"] = fast["mean"] / slow["mean"] if fast and slow and slow["mean"] > 0 else None
 
