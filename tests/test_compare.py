@@ -29,7 +29,6 @@ FAKE_TRAIN = textwrap.dedent(
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output-dir")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warm-start-cache")
     parser.add_argument("--fail", default="")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -100,13 +99,12 @@ def test_grid_and_commands():
     assert train_command(on_policy, 3, Path("out/x/seed3"), args, extra) == [
         sys.executable, "-m", "openrlhf_entropic.cli.train", "--mode", "on_policy", "--max-staleness", "0",
         "--entropic.enable", "true", "--seed", "3", "--output-dir", "out/x/seed3", "--steps", "7",
-        "--warm-start-cache", "out/.warm_start_cache", "--num-learners", "2",
+        "--num-learners", "2",
     ]  # fmt: skip
     args, extra = parse_args(["--max-staleness", "2"])
     assert train_command(ablation_async, 0, Path("d"), args, extra) == [
         sys.executable, "-m", "openrlhf_entropic.cli.train", "--mode", "async", "--max-staleness", "2",
         "--entropic.enable", "true", "--entropic.mode", "covariance", "--seed", "0", "--output-dir", "d",
-        "--warm-start-cache", "runs/compare/.warm_start_cache",
     ]  # fmt: skip
 
 
@@ -141,7 +139,6 @@ def test_compare_runs_the_grid_keeps_going_after_a_failure_and_reports(tmp_path,
     grpo_async = json.loads((out / "grpo_async" / "seed1" / "argv.json").read_text())
     assert grpo_async[grpo_async.index("--max-staleness") + 1] == "4"
     assert grpo_async[-2:] == ["--fail", "true_async_1"]
-    assert grpo_async[grpo_async.index("--warm-start-cache") + 1] == str(out / ".warm_start_cache")  # shared
     on_policy = json.loads((out / "entropic_on_policy" / "seed0" / "argv.json").read_text())
     assert on_policy[on_policy.index("--max-staleness") + 1] == "0"
 

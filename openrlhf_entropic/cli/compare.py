@@ -55,7 +55,6 @@ PLOTS = (
     ("staleness.png", "staleness_mean", "mean staleness (policy versions)"),
 )
 LOG_TAIL_LINES = 30
-WARM_START_CACHE = ".warm_start_cache"
 
 
 @dataclass(frozen=True)
@@ -92,9 +91,6 @@ def train_command(cell: Cell, seed: int, run_dir: Path, args: argparse.Namespace
     command += ["--seed", str(seed), "--output-dir", str(run_dir)]
     if args.steps is not None:
         command += ["--steps", str(args.steps)]
-    # One warm-start cache for the whole grid: every cell starts from the same model, warmed once.
-    # A --warm-start-cache in `extra` comes later and wins.
-    command += ["--warm-start-cache", str(args.output_dir / WARM_START_CACHE)]
     return command + extra
 
 
