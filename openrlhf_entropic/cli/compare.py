@@ -145,7 +145,7 @@ def discover_runs(root: Path) -> dict[str, list[Path]]:
 
 
 def _split_regime(name: str) -> tuple[str, str | None]:
-    """ "entropic_async" -> ("entropic", "async"); "_off_policy" (the cluster scripts' name) counts as async."""
+    """Split "entropic_async" into ("entropic", "async"); `_off_policy` (the cluster scripts' word) is async too."""
     for suffix, regime in (("_on_policy", "on_policy"), ("_async", "async"), ("_off_policy", "async")):
         if name.endswith(suffix):
             return name.removesuffix(suffix), regime
@@ -188,13 +188,6 @@ def summarize_run(run_dir: Path, target_entropy: float | None) -> tuple[dict, li
     return {**summarize(rows, target, eval_rows), **saved, "target_entropy": target}, rows, eval_rows
 
 
-def mean_std(values: list[float]) -> tuple[float, float] | None:
-    """Mean and sample standard deviation (0 for one value); None without values."""
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: float | None, failures: list[str]):
     """Write report.md, report.json and the PNG plots for `runs` ({cell: run dirs}); return the report dict."""
     cells: dict[str, dict] = {}
@@ -209,20 +202,20 @@ def write_report(runs: dict[str, list[Path]], output_dir: Path, target_entropy: 
         if not loaded:
             continue
         summaries = [summary for summary, _, _ in loaded]
+        skipped = defaultdict(int)
         for summary in summaries:
             initial, final = summary.get("entropy_initial"), summary.get("entropy_final")
             if is_finite(initial) and is_finite(final) and initial > 0:
                 summary["entropy_final_over_initial"] = final / initial
-        entropy_key = summaries[0].get("entropy_series", "entropy")
-        skipped = defaultdict(int)
-        for summary in summaries:
             for key, count in summary.get("skipped_values", {}).items():
                 skipped[key] += count
         fields = {}
         for field in REPORT_FIELDS:
             values = [s[field] for s in summaries if is_finite(s.get(field))]
-            stats = mean_std(values)
-            fields[field] = {"mean": stats[0], "std": stats[1], "values": values} if stats else None
+            # Sample standard deviation over seeds; 0 for a single seed.
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            fields[field] = {"mean": statistics.fmean(values), "std": std, "values": values} if values else None
+        entropy_key = summaries[0].get("entropy_series", "entropy")
         cells[name] = {
             "runs": [os.path.relpath(run_dir, output_dir) for run_dir in read_dirs],  # the report can move with them
             "target_entropy": sorted({s["target_entropy"] for s in summaries}),
