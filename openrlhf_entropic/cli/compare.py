@@ -265,15 +265,18 @@ def _write_plots(cells: dict[str, dict], output_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Colour = algorithm, line style = regime, so that a cell's on- and off-policy runs pair up by eye.
+    algorithms = list(dict.fromkeys(_split_regime(name)[0] for name in cells))
     written = []
     for file_name, key, label in PLOTS:
         figure, axes = plt.subplots(figsize=(7, 4))
         drew = drew_eval = False
-        for index, (name, cell) in enumerate(cells.items()):
-            color = f"C{index % 10}"
+        for name, cell in cells.items():
+            algorithm, regime = _split_regime(name)
+            color = f"C{algorithms.index(algorithm) % 10}"
             steps, values = cell["series"][key]
             if steps:
-                axes.plot(steps, values, color=color, label=name, linewidth=1.2)
+                axes.plot(steps, values, color=color, linestyle="--" if regime == "async" else "-", label=name, lw=1.2)
                 drew = True
             if key == "entropy" and cell["eval_entropy"][0]:
                 # The true entropy from fresh samples: shows how far the training-time estimate is off.
@@ -283,7 +286,7 @@ def _write_plots(cells: dict[str, dict], output_dir: Path) -> list[str]:
             axes.plot([], [], color="gray", linestyle=":", marker="o", markersize=3, label="eval: true entropy")
         if key == "entropy":
             for target in sorted({t for cell in cells.values() for t in cell["target_entropy"]}):
-                axes.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target H* = {target:g}")
+                axes.axhline(target, color="black", linestyle="-.", linewidth=1.5, label=f"target H* = {target:g}")
         if not drew:
             plt.close(figure)
             continue
