@@ -1,12 +1,14 @@
 """openrlhf-entropic: EntroPIC entropy control for on-policy and async off-policy RL of LLMs."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="openrlhf-entropic",
     version="0.1.0",
     description="PI-controlled policy entropy (EntroPIC) for OpenRLHF, on-policy and async off-policy",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["openrlhf_entropic", "openrlhf_entropic.*"]),
     python_requires=">=3.10",
