@@ -225,3 +225,19 @@ def test_flags_doc_lists_every_entropic_flag_with_its_real_default():
     assert [name for name, _ in rows] == fields, "docs/flags.md must list each EntroPICConfig field once, in order"
     for name, documented in rows:
         assert documented == str(getattr(defaults, name)), f"--entropic.{name}: docs say {documented}"
+
+
+def test_help_works_without_openrlhf_vllm_or_flash_attn():
+    # None in sys.modules makes any import of these names fail: --help must not need them.
+    code = (
+        "import runpy, sys\n"
+        "for name in ('openrlhf', 'vllm', 'flash_attn', 'ray'):\n"
+        "    sys.modules[name] = None\n"
+        "sys.argv = ['train_ppo_ray', '--help']\n"
+        f"runpy.run_module('{MODULE}', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in _our_flags() - {"-h", "--help"}:
+        assert option in result.stdout
+    assert "Every other flag is passed unchanged to OpenRLHF 0.11.2's openrlhf.cli.train_ppo_ray" in result.stdout
