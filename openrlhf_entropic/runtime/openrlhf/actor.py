@@ -168,33 +168,26 @@ class EntroPICActorPPOTrainer(ActorPPOTrainer):
             )
         if getattr(self.args.entropic, ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, False):
             self.actor_loss_fn.is_correction_level = "off"  # the user's setting; vLLM log-probs feed the estimate only
-        self.entropic_loss = attach_entropic_loss(self, self.entropic_config)
+        self.entropic_loss = EntroPICPolicyLoss(self.actor_loss_fn, self.entropic_config)
+        self.actor_loss_fn = self.entropic_loss
+        self.actor.register_forward_hook(self.entropic_loss.keep_entropy)
 
     def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
         """OpenRLHF's training step; EntroPIC's controller steps on the first micro-batch of each optimizer step."""
         if self.entropic_loss is None:
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
-        self.entropic_loss.update_before_next_loss = starts_optimizer_step(self, step)
+        self.entropic_loss.update_before_next_loss = self._starts_optimizer_step(step)
         status = super().training_step(experience, kl_ctl, step, loss_batch_info)
         for name, (value, weight) in self.entropic_loss.metrics.items():
             status["metrics"][name] = value
             status["weights"][name] = weight
         return status
 
-
-def attach_entropic_loss(trainer, config: EntroPICConfig) -> EntroPICPolicyLoss:
-    """Wrap `trainer.actor_loss_fn` (a PolicyLoss) and hook `trainer.actor` (an Actor) for its entropy."""
-    entropic_loss = EntroPICPolicyLoss(trainer.actor_loss_fn, config)
-    trainer.actor_loss_fn = entropic_loss
-    trainer.actor.register_forward_hook(entropic_loss.keep_entropy)
-    return entropic_loss
-
-
-def starts_optimizer_step(trainer, step: int) -> bool:
-    """Whether micro-batch `step` (counted from 0 in each epoch of ppo_train) opens an optimizer step."""
-    if trainer.args.train.dynamic_batch_enable:
-        return step == 0 or bool(trainer.replay_buffer.dynamic_optimizer_step[step - 1])
-    return step % max(int(trainer.strategy.accumulated_gradient), 1) == 0
+    def _starts_optimizer_step(self, step: int) -> bool:
+        """Whether micro-batch `step` (counted from 0 in each epoch of ppo_train) opens an optimizer step."""
+        if self.args.train.dynamic_batch_enable:
+            return step == 0 or bool(self.replay_buffer.dynamic_optimizer_step[step - 1])
+        return step % max(int(self.strategy.accumulated_gradient), 1) == 0
 
 
 def save_controller_state(client_states: dict | None, entropic_loss: EntroPICPolicyLoss | None) -> dict:
