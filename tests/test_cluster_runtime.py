@@ -190,18 +190,23 @@ def test_version_bump_runs_inside_openrlhfs_broadcast_lock():
     assert mro.index(_CountWeightBroadcasts) + 1 == mro.index(BasePPOTrainer)
 
 
-def test_versioned_lock_counts_broadcasts():
-    import asyncio
+def test_versioned_lock_is_a_working_ray_actor_that_counts_broadcasts():
+    # Ray must accept our subclass of OpenRLHF's asyncio lock actor, with its methods and ours.
+    import ray
 
-    async def scenario():
-        lock = VersionedVLLMLock.__ray_actor_class__()
-        await lock.acquire()
-        await lock.bump_version()
-        await lock.release()
-        await lock.bump_version()
-        return await lock.version()
-
-    assert asyncio.run(scenario()) == 2
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        lock = VersionedVLLMLock.remote()
+        assert ray.get(lock.version.remote()) == 0
+        for _ in range(2):  # what TrainingActor.broadcast_to_vllm + _CountWeightBroadcasts do
+            ray.get(lock.acquire.remote())
+            ray.get(lock.bump_version.remote())
+            ray.get(lock.release.remote())
+        ray.get(lock.acquire.remote())  # the lock still excludes: a generator reads under it
+        assert ray.get(lock.version.remote()) == 2
+        ray.get(lock.release.remote())
+    finally:
+        ray.shutdown()
 
 
 # ----- Flag plumbing: argv -> OpenRLHF's own __main__ -> the args every Ray actor receives -----
