@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 work = Path(sys.argv[1])
@@ -40,7 +40,8 @@ characters = list("0123456789+-=*/(){}\\ .,:?abcdefghijklmnopqrstuvwxyzABCDEFGHI
 special = ["<unk>", "<s>", "</s>", "<pad>"]
 vocab = {token: index for index, token in enumerate(special + characters)}
 tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+tokenizer.decoder = decoders.Fuse()  # decode without spaces between characters
 hf_tokenizer = PreTrainedTokenizerFast(
     tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
 )
