@@ -12,6 +12,7 @@ import io
 import math
 import os
 import socket
+from pathlib import Path
 
 import cluster_standins  # noqa: F401  (must precede every openrlhf import)
 import pytest
@@ -190,21 +191,41 @@ def test_version_bump_runs_inside_openrlhfs_broadcast_lock():
     assert mro.index(_CountWeightBroadcasts) + 1 == mro.index(BasePPOTrainer)
 
 
-def test_versioned_lock_is_a_working_ray_actor_that_counts_broadcasts():
-    # Ray must accept our subclass of OpenRLHF's asyncio lock actor, with its methods and ours.
+def test_async_trainer_builds_our_actors_inside_a_real_ray_worker(cli_args, monkeypatch):
+    """Ray ships actor classes by value, so a substitution must reach the copied globals (see swap_names)."""
     import ray
+    from openrlhf.utils import get_strategy
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    from openrlhf_entropic.runtime.openrlhf.async_trainer import EntroPICPPOTrainerAsync
+
+    strategy = get_strategy(cli_args(["--entropic.enable"]))
+    monkeypatch.undo()  # the real ray.init again
+    # Workers import openrlhf too: they get the same two stand-ins before anything else runs.
+    runtime_env = {
+        "env_vars": {"PYTHONPATH": str(Path(__file__).parent)},
+        "worker_process_setup_hook": "cluster_standins.install",
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     try:
-        lock = VersionedVLLMLock.remote()
+        # OpenRLHF's own PPOTrainerAsync.__init__ runs in the worker and creates the lock and both actors
+        # (which then fail to load the nonexistent model in the background; only their classes matter here).
+        trainer = EntroPICPPOTrainerAsync.remote("no-such-model", strategy, None, None, None, None, None)
+
+        def built(self):
+            name = lambda handle: handle._ray_actor_creation_function_descriptor.class_name  # noqa: E731
+            return name(self.generator_actor), name(self.trainer_actor)
+
+        # (The lock is swapped in by the same call; PPOTrainerAsync keeps no handle to it to check.)
+        built_classes = ray.get(trainer.__ray_call__.remote(built))
+        assert built_classes == ("VersionTaggingGenerateSamplesActor", "StalenessAwareTrainingActor")
+
+        lock = VersionedVLLMLock.remote()  # Ray accepts our subclass of OpenRLHF's asyncio lock actor
         assert ray.get(lock.version.remote()) == 0
         for _ in range(2):  # what TrainingActor.broadcast_to_vllm + _CountWeightBroadcasts do
             ray.get(lock.acquire.remote())
             ray.get(lock.bump_version.remote())
             ray.get(lock.release.remote())
-        ray.get(lock.acquire.remote())  # the lock still excludes: a generator reads under it
         assert ray.get(lock.version.remote()) == 2
-        ray.get(lock.release.remote())
     finally:
         ray.shutdown()
 

@@ -100,7 +100,7 @@ def entropic_openrlhf(config: EntroPICConfig) -> Iterator[None]:
     from openrlhf.trainer.ray import ppo_actor
     from openrlhf.utils import config as openrlhf_config
 
-    from openrlhf_entropic.runtime.openrlhf import swap_attributes
+    from openrlhf_entropic.runtime.openrlhf import swap_names
     from openrlhf_entropic.runtime.openrlhf.actor import EntroPICPolicyModelActor
     from openrlhf_entropic.runtime.openrlhf.async_trainer import EntroPICPPOTrainerAsync
 
@@ -110,9 +110,10 @@ def entropic_openrlhf(config: EntroPICConfig) -> Iterator[None]:
         return prepare_openrlhf_args(upstream_hierarchize(flat_args), config)
 
     with (
-        swap_attributes(ppo_actor, PolicyModelActor=EntroPICPolicyModelActor),
-        swap_attributes(ppo_trainer_async, PPOTrainerAsync=EntroPICPPOTrainerAsync),
-        swap_attributes(openrlhf_config, hierarchize=hierarchize_with_entropic),
+        # The driver runs these imports itself (runpy, and inside train()), so the module attributes are read.
+        swap_names(vars(ppo_actor), PolicyModelActor=EntroPICPolicyModelActor),
+        swap_names(vars(ppo_trainer_async), PPOTrainerAsync=EntroPICPPOTrainerAsync),
+        swap_names(vars(openrlhf_config), hierarchize=hierarchize_with_entropic),
     ):
         yield
 

@@ -22,7 +22,6 @@ import math
 
 import ray
 import torch
-from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from openrlhf_entropic.entropic import (
@@ -35,7 +34,7 @@ from openrlhf_entropic.entropic import (
     masked_mean,
 )
 
-from . import ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, swap_attributes
+from . import ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, swap_names
 
 # Key of the controller state inside OpenRLHF's checkpoint `client_states`.
 CONTROLLER_STATE_KEY = "entropic_controller"
@@ -212,8 +211,9 @@ class EntroPICPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     """OpenRLHF's policy actor, building our trainer and keeping the controller in its checkpoints."""
 
     def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
-        with swap_attributes(ppo_actor, ActorPPOTrainer=EntroPICActorPPOTrainer):
-            super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
+        build = super().init_model_from_pretrained
+        with swap_names(build.__func__.__globals__, ActorPPOTrainer=EntroPICActorPPOTrainer):
+            build(strategy, pretrain, max_steps, vllm_engines)
         entropic_loss = self.trainer.entropic_loss
         if restore_controller_state(entropic_loss, self.checkpoint_states):
             strategy.print(

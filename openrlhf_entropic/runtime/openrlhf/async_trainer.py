@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import ray
 import torch
-from openrlhf.trainer import ppo_trainer_async
 from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
 from openrlhf.utils.logging_utils import init_logger
 
 from openrlhf_entropic.entropic import EntroPICConfig, Metric
 
-from . import swap_attributes
+from . import swap_names
 
 logger = init_logger(__name__)
 
@@ -136,10 +135,11 @@ class EntroPICPPOTrainerAsync(PPOTrainerAsync.__ray_actor_class__):
     """OpenRLHF's async PPO trainer, built from the versioned lock, tagging generator and staleness-aware trainer."""
 
     def __init__(self, *args, **kwargs) -> None:
-        with swap_attributes(
-            ppo_trainer_async,
+        build = super().__init__
+        with swap_names(
+            build.__func__.__globals__,
             VLLMLock=VersionedVLLMLock,
             GenerateSamplesActor=VersionTaggingGenerateSamplesActor,
             TrainingActor=StalenessAwareTrainingActor,
         ):
-            super().__init__(*args, **kwargs)
+            build(*args, **kwargs)
