@@ -226,6 +226,16 @@ def test_async_trainer_builds_our_actors_inside_a_real_ray_worker(cli_args, monk
             ray.get(lock.bump_version.remote())
             ray.get(lock.release.remote())
         assert ray.get(lock.version.remote()) == 2
+
+        # The training actor's drop path, on a real lock: a batch 2 versions old with max_staleness 1 is
+        # dropped and counted, and the step count stays (no training, no broadcast).
+        training = StalenessAwareTrainingActor.__ray_actor_class__.__new__(
+            StalenessAwareTrainingActor.__ray_actor_class__
+        )
+        training.vllm_lock, training.max_staleness, training.dropped_stale_total = lock, 1, 0  # what __init__ sets
+        status, global_step = training.train_step([_sample(0), _sample(0)], 7)
+        assert global_step == 7
+        assert status[Metric.DROPPED_STALE] == 2.0 and status[Metric.STALENESS_MAX] == 2.0
     finally:
         ray.shutdown()
 
