@@ -15,7 +15,6 @@ import argparse
 import functools
 import logging
 import sys
-from pathlib import Path
 
 from openrlhf_entropic.entropic import EntroPICConfig, add_entropic_args
 
@@ -24,13 +23,16 @@ from openrlhf_entropic.entropic import EntroPICConfig, add_entropic_args
 PRESETS = {
     "embedded": {
         "run": {
-            "steps": 150, "rollout_batch_size": 16, "n_samples_per_prompt": 8, "train_batch_size": 128,
+            "steps": 250, "rollout_batch_size": 16, "n_samples_per_prompt": 8, "train_batch_size": 128,
             "micro_train_batch_size": 128, "max_epochs": 1, "actor_learning_rate": 2e-3, "temperature": 1.0,
             "top_p": 1.0, "generate_max_len": 3, "eps_clip": 0.2, "max_norm": 1.0, "advantage": "grpo",
             "num_generators": 1, "num_learners": 1, "sync_every": 1, "eval_n_samples": 8, "eval_k": 4,
             "warm_start_steps": 150,
         },
-        "entropic": {"target_entropy": 0.5, "kp": 1.0, "ki": 0.05, "mode": "high_prob"},
+        # Tuned on this task: the target ramps down from about the warm-start entropy, so the
+        # integral does not wind up early; a 0.5 threshold gives high_prob mode enough tokens to act on.
+        "entropic": {"target_entropy": 0.35, "target_start": 1.2, "target_warmup_steps": 40, "kp": 2.0, "ki": 0.1,
+                     "mode": "high_prob", "high_prob_threshold": 0.5},
     },
 }
 
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Python file defining reward_func(queries, prompts, labels). It runs as code: use trusted files only.")
     add("--pretrain", default=None, help="Local Hugging Face model directory (default: the embedded tiny model).")
     add("--warm-start-cache", default=None,
-        help="Where the embedded model's warm start is cached (default: <parent of --output-dir>/.warm_start_cache).")
+        help="Where the embedded model's warm start is cached (default: $XDG_CACHE_HOME or ~/.cache, "
+        "/openrlhf_entropic; keyed by a hash of its settings).")
     add("--warm-start-steps", type=int)
     add("--advantage", choices=("grpo", "reinforce_baseline", "rloo"))
     add("--temperature", type=float)
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eps-clip", type=float)
     add("--max-norm", type=float, help="Gradient clipping norm.")
     add("--generate-max-len", type=int, help="Max new tokens per response.")
-    add("--buffer-capacity", type=int, default=None, help="Replay buffer capacity in samples (default (K+1) x batch).")
+    add("--buffer-capacity", type=int, default=None,
+        help="Replay buffer capacity in samples (default (K+1) x batch + one generation job).")
     add("--no-progress", action="store_true", help="Hide the tqdm progress bar.")
     add_entropic_args(parser)
     return parser
@@ -123,8 +127,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Entro
         (args.eval_steps >= 1 and args.eval_n_samples >= args.eval_k >= 1,
          "--eval-steps must be >= 1 and --eval-n-samples >= --eval-k >= 1"),
         (args.prompt_data is None or args.reward_func is not None, "--prompt-data needs --reward-func"),
-        (args.buffer_capacity is None or args.buffer_capacity >= batch,
-         f"--buffer-capacity must hold at least one batch ({batch} samples)"),
+        (args.buffer_capacity is None or args.buffer_capacity >= batch + batch // args.num_generators,
+         f"--buffer-capacity must hold a batch plus one generation job ({batch + batch // args.num_generators} samples)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -149,7 +153,7 @@ def build_task(args) -> dict:
     if args.pretrain:
         factory = functools.partial(load_pretrained, args.pretrain)
     else:
-        cache = args.warm_start_cache or str(Path(args.output_dir).resolve().parent / ".warm_start_cache")
+        cache = args.warm_start_cache or str(synthetic.DEFAULT_CACHE)
         factory = functools.partial(synthetic.load_warm_model, cache, seed=0, steps=args.warm_start_steps)
         factory()  # warm start once here, so the actors only read the cache
     if args.prompt_data is None:

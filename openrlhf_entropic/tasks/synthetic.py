@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
 from pathlib import Path
 
@@ -25,6 +26,8 @@ LETTERS = "abcdefghijkl"
 SET_SIZE = 4
 PAD, EOS, EQUALS = "<pad>", "<eos>", "="
 SUCCESS_PROB = 0.7
+# Shared by all runs on the machine; the file name carries a hash of everything that shapes the weights.
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openrlhf_entropic"
 MODEL_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 

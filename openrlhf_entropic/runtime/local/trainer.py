@@ -66,7 +66,9 @@ class LocalTrainer:
         self.max_staleness = entropic.max_staleness or 0
         self.batch_samples = args.rollout_batch_size * args.n_samples_per_prompt
         self.job_prompts = args.rollout_batch_size // args.num_generators
-        self.capacity = args.buffer_capacity or (self.max_staleness + 1) * self.batch_samples
+        # One job of slack beyond K + 1 batches: a batch short of samples (NaN rewards dropped) can be topped up.
+        job_samples = self.job_prompts * args.n_samples_per_prompt
+        self.capacity = args.buffer_capacity or (self.max_staleness + 1) * self.batch_samples + job_samples
         self.sampling = {"n_samples": args.n_samples_per_prompt, "temperature": args.temperature,
                          "top_p": args.top_p, "max_new_tokens": args.generate_max_len, "advantage": args.advantage}
         self.rng = np.random.default_rng(args.seed)
@@ -200,6 +202,9 @@ class LocalTrainer:
             started = time.perf_counter()
             self._fill(pending_train=0)
             while ray.get(self.buffer.drop_stale.remote(self.version)) < self.batch_samples:
+                if not self.inflight:
+                    raise RuntimeError(f"cannot fill a batch of {self.batch_samples} samples: nothing in flight and "
+                                       f"the buffer capacity ({self.capacity}) allows no new job")
                 self._collect(block=True)
                 self._fill(pending_train=0)
             batch = ray.get(self.buffer.take.remote(self.batch_samples, self.version))
