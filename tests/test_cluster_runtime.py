@@ -420,3 +420,32 @@ def test_training_step_is_plain_openrlhf_when_entropic_is_off(gloo_world, monkey
     assert trainer.entropic_loss is None and isinstance(trainer.actor_loss_fn, PolicyLoss)
     status = trainer.training_step(_experience(0), 0.0, 0, None)
     assert Metric.ALPHA not in status["metrics"] and "policy_loss" in status["metrics"]
+
+
+def test_controller_state_rides_in_a_real_deepspeed_checkpoint(gloo_world, monkeypatch, cli_args, tmp_path):
+    """Our save_checkpoint through OpenRLHF's strategy.save_ckpt (DeepSpeed), then strategy.load_ckpt back."""
+    from openrlhf.utils import get_strategy
+
+    args = cli_args(["--entropic.enable"], [*OPENRLHF_ARGV, "--ckpt.path", str(tmp_path)])
+    strategy = get_strategy(args)
+    strategy.accumulated_gradient = 1
+    actor, optimizer, scheduler = _tiny_actor(args, gradient_accumulation_steps=1)
+    _allow_cuda_bookkeeping_on_cpu(monkeypatch)
+    trainer = EntroPICActorPPOTrainer(
+        strategy, actor, ema_model=None, actor_optim=optimizer, actor_scheduler=scheduler, micro_train_batch_size=1
+    )
+    for entropy in (0.6, 0.5):
+        trainer.entropic_loss.controller.update(entropy, weight=8)
+    # The Ray actor's methods on a plain instance, with the attributes init_model_from_pretrained sets.
+    policy_actor = entropic_actor.EntroPICPolicyModelActor.__ray_actor_class__.__new__(
+        entropic_actor.EntroPICPolicyModelActor.__ray_actor_class__
+    )
+    policy_actor.strategy, policy_actor.actor, policy_actor.trainer = strategy, actor, trainer
+    policy_actor.disable_ds_ckpt, policy_actor.save_hf_ckpt = False, False
+    policy_actor.save_checkpoint("global_step2", client_states={"global_step": 2})
+
+    _, states = strategy.load_ckpt(actor.model, os.path.join(str(tmp_path), "_actor"))  # as --ckpt.load_enable does
+    assert states["global_step"] == 2
+    resumed = _entropic_loss(0.0)
+    assert restore_controller_state(resumed, states)
+    assert resumed.controller.state_dict() == trainer.entropic_loss.controller.state_dict()
