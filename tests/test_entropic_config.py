@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import types
 
 import pytest
 
@@ -40,8 +41,9 @@ def test_boolean_and_optional_values():
         parse(["--entropic.mode", "bogus"])
 
 
-def test_nested_namespace_as_built_by_openrlhf_hierarchize():
-    nested = argparse.Namespace(entropic=argparse.Namespace(enable=True, target_entropy=0.2, kp=None))
+@pytest.mark.parametrize("namespace", [argparse.Namespace, types.SimpleNamespace])
+def test_nested_namespace_as_built_by_openrlhf_hierarchize(namespace):
+    nested = argparse.Namespace(entropic=namespace(enable=True, target_entropy=0.2, kp=None))
     config = EntroPICConfig.from_args(nested, kp=4.0)
     assert (config.enable, config.target_entropy, config.kp) == (True, 0.2, 4.0)
 

@@ -107,7 +107,7 @@ class EntroPICConfig:
         nested = getattr(args, "entropic", None)
         values = {}
         for f in dataclasses.fields(cls):
-            if isinstance(nested, argparse.Namespace) and hasattr(nested, f.name):
+            if nested is not None and hasattr(nested, f.name):  # argparse or SimpleNamespace
                 value = getattr(nested, f.name)
             else:
                 value = getattr(args, f"entropic.{f.name}", None)
