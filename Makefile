@@ -14,8 +14,6 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps openrlhf==0.11.2
-	# The pure-python packages OpenRLHF's modules import at top level (the cluster tests import them).
-	$(PY) -m pip install -q peft pylatexenc aiohttp torchdata datasets
 	touch $@
 
 demo: venv

@@ -28,6 +28,8 @@ setup(
     ],
     extras_require={
         "gpu": ["openrlhf==0.11.2", "vllm==0.29.0", "flash-attn==2.8.3", "ray[default]==2.55.0"],
-        "test": ["pytest", "hypothesis", "ruff"],
+        # Besides the test tools: what OpenRLHF 0.11.2's modules import at top level, so that the
+        # cluster tests can import its real source (installed with --no-deps by the Makefile).
+        "test": ["pytest", "hypothesis", "ruff", "peft", "pylatexenc", "aiohttp", "torchdata", "datasets"],
     },
 )
