@@ -27,6 +27,8 @@ ESTIMATORS = {  # name -> importance_weighted_entropy settings (None = the plain
     "on_policy": None,
     "iw_prefix_clip2_ess0.5": {"log_clip": 2.0, "min_ess_fraction": 0.5, "level": "prefix"},
     "iw_prefix_clip1_ess0.5": {"log_clip": 1.0, "min_ess_fraction": 0.5, "level": "prefix"},
+    "iw_prefix_clip0.5_ess0.5": {"log_clip": 0.5, "min_ess_fraction": 0.5, "level": "prefix"},
+    "iw_prefix_clip2_ess0.95": {"log_clip": 2.0, "min_ess_fraction": 0.95, "level": "prefix"},
     "iw_prefix_clip5_raw": {"log_clip": 5.0, "min_ess_fraction": 0.0, "level": "prefix"},
     "iw_sequence_clip2_ess0.5": {"log_clip": 2.0, "min_ess_fraction": 0.5, "level": "sequence"},
 }

@@ -150,13 +150,11 @@ class LocalTrainer:
             if trained_at - self.synced_version > self.max_staleness:
                 break
             job = self.requeue.popleft() if self.requeue else self._new_job()
-            index = min(range(len(self.generators)), key=self._load)
+            busy = [sum(1 for _, i, _ in self.inflight.values() if i == g) for g in range(len(self.generators))]
+            index = busy.index(min(busy))  # the generator with the fewest jobs in flight
             ref = self.generators[index].generate.remote(job)
             self.inflight[ref] = (job, index, self.generators[index])
             ahead += len(job["rows"]) * self.args.n_samples_per_prompt
-
-    def _load(self, index: int) -> int:
-        return sum(1 for _, i, _ in self.inflight.values() if i == index)
 
     def _new_job(self) -> dict:
         rows = self.task["train_rows"]
