@@ -26,7 +26,7 @@ def sample_responses(model, tokenizer, rows: list[dict], n_samples: int, tempera
     reward function's `query`), prompt, label and group (index of its row). Samples come grouped:
     row 0's n samples first.
     """
-    encoded = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True)
+    encoded = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True).to(model.device)
     output = model.generate(
         **encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         num_return_sequences=n_samples, output_scores=True, return_dict_in_generate=True,

@@ -121,7 +121,7 @@ class Learner:
         """
         cfg, settings = self.entropic, self.settings
         started = time.perf_counter()
-        batch = collate(samples, self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
         micro = settings["micro_train_batch_size"]
         local_mini = settings["train_batch_size"] // self.world_size
         totals = torch.zeros(8, dtype=torch.float64)  # sums of: H*n, H_iw*n, n, ess, loss, clip, adjusted, updates
@@ -182,7 +182,7 @@ class Learner:
                                    sampling["top_p"], sampling["max_new_tokens"])
         verdicts = correct_fn([s["text"] for s in samples], [s["prompt"] for s in samples],
                               [s["label"] for s in samples])
-        batch = collate(samples, self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
         _, entropy = policy_outputs(self.engine.module, batch, sampling["temperature"], self.entropic.entropy_chunk_size)
         correct = [[bool(verdicts[g * n_samples + j]) for j in range(n_samples)] for g in range(len(rows))]
         return {"entropy_true": float(masked_mean(entropy, batch["mask"])),
