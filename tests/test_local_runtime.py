@@ -15,7 +15,8 @@ from openrlhf_entropic.runtime.local.trainer import LocalTrainer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+             ignore_reinit_error=True)
     yield str(tmp_path_factory.mktemp("warm_start"))
     ray.shutdown()
 
