@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", default="embedded", choices=sorted(PRESETS), help="Default values for every untyped flag.")
     add("--mode", default="on_policy", choices=("on_policy", "async"),
         help="on_policy: generators wait for fresh weights (K = 0); async: they run up to K versions ahead.")
-    add("--max-staleness", dest="entropic.max_staleness", type=int, default=None,
+    add("--max-staleness", dest="entropic.max_staleness", type=int, default=None, metavar="K",
         help="K: drop samples more than K policy versions old (default 0 on-policy, 4 async).")
     add("--steps", type=int, help="Total training steps (a resumed run continues up to this total).")
     add("--seed", type=int, default=0)
