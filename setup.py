@@ -17,6 +17,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "transformers==5.15.0",
+        "tokenizers",  # the synthetic task builds its own tokenizer with it
         "ray==2.55.0",
         "deepspeed==0.19.6",
         "safetensors",
