@@ -142,7 +142,10 @@ def add_entropic_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
     a preset; the dataclass default is shown in the help. `--entropic.enable` works both as
     a bare switch and as `--entropic.enable false`.
     """
-    group = parser.add_argument_group("EntroPIC (shared by the embedded and cluster runtimes)")
+    group = parser.add_argument_group(
+        "EntroPIC (shared by the embedded and cluster runtimes)",
+        "Defaults shown are the library's; a --preset may set other values, and a typed flag wins over both.",
+    )
     defaults = EntroPICConfig()
     for f in dataclasses.fields(EntroPICConfig):
         flag = f"--entropic.{f.name}"
@@ -151,11 +154,19 @@ def add_entropic_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         if f.name == "enable":
             group.add_argument(flag, dest=flag[2:], nargs="?", const=True, default=None, type=_str2bool, help=help_text)
             continue
-        kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
+        type_name = f.type.split(" ")[0]
+        kind = {"int": int, "float": float, "str": str}[type_name]
         if "None" in f.type:
             kind = _optional(kind)
+        choices = f.metadata.get("choices")
         group.add_argument(
-            flag, dest=flag[2:], type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
+            flag,
+            dest=flag[2:],
+            type=kind,
+            default=None,
+            choices=choices,
+            metavar=None if choices else type_name.upper(),
+            help=help_text,
         )
     return group
 
