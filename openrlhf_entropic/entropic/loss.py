@@ -13,14 +13,48 @@ import torch
 from .config import LOSS_MODES
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, token_level: bool) -> torch.Tensor:
-    """Mean of per_token [batch, seq] over mask: over all tokens, or per sequence then over sequences."""
-    if token_level:
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    lengths = mask.sum(dim=-1)
-    per_sequence = (per_token * mask).sum(dim=-1) / lengths.clamp(min=1.0)
-    # Sequences with no masked token (empty responses) do not dilute the mean.
-    return per_sequence.sum() / (lengths > 0).sum().clamp(min=1)
+class _ClippedSurrogateLoss(torch.autograd.Function):
+    """-sum_t scale * mask_t * (min(r_t A_t, clip(r_t) A_t) + r_t * bonus_t), with a hand-written backward.
+
+    Autograd would keep and revisit every intermediate (ratio, both surrogates, their min); the
+    gradient needs only the ratio and which tokens are unclipped:
+    d loss / d log p_t = -scale * mask_t * r_t * (A_t [t unclipped] + bonus_t).
+    Inputs [batch, seq] except advantages ([batch, 1] or [batch, seq]) and scale (0-dim or [batch]).
+    Returns (loss 0-dim, clipped [batch]: response tokens per row whose gradient was clipped away).
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs, old_log_probs, advantages, bonus, mask, scale, clip_low, clip_high, dual_clip):
+        ratio = (log_probs.detach().float() - old_log_probs.float()).exp_()
+        # min(rA, clip(r)A) = A * min(r, 1 + eps_high) if A > 0, A * max(r, 1 - eps_low) if A < 0;
+        # the dual clip caps the latter at dual_clip.
+        upper = ratio.clamp(max=1.0 + clip_high)
+        lower = ratio.clamp(min=1.0 - clip_low) if dual_clip is None else ratio.clamp(1.0 - clip_low, dual_clip)
+        bounded = torch.where(advantages > 0, upper, lower)
+        clipped = bounded != ratio
+        if advantages.shape[-1] != 1:
+            clipped &= advantages != 0  # an A = 0 token has no gradient to clip
+        clipped_per_row = torch.linalg.vecdot(clipped.to(mask.dtype), mask)
+        if advantages.shape[-1] == 1:
+            clipped_per_row = clipped_per_row * (advantages[:, 0] != 0)
+        objective = bounded.mul_(advantages)
+        if bonus is not None:
+            objective.addcmul_(ratio, bonus)
+        loss = -(torch.linalg.vecdot(objective, mask) * scale).sum()
+        ctx.save_for_backward(ratio, clipped, advantages, bonus, mask, scale)
+        ctx.grad_dtype = log_probs.dtype
+        ctx.mark_non_differentiable(clipped_per_row)
+        return loss, clipped_per_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_clipped):
+        ratio, clipped, advantages, bonus, mask, scale = ctx.saved_tensors
+        coefficient = torch.where(clipped, 0.0, advantages)
+        if bonus is not None:
+            coefficient.add_(bonus)
+        row_scale = -grad_loss * scale
+        coefficient.mul_(ratio).mul_(mask).mul_(row_scale.unsqueeze(-1) if row_scale.dim() else row_scale)
+        return coefficient.to(ctx.grad_dtype), None, None, None, None, None, None, None, None
 
 
 def entropic_policy_loss(
@@ -37,7 +71,7 @@ def entropic_policy_loss(
     token_level: bool = True,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO loss with EntroPIC coefficients. alpha = 0 is exactly the plain PPO loss.
+    """Clipped PPO loss with EntroPIC coefficients. alpha = 0 is the plain PPO loss.
 
     log_probs [batch, seq] (current policy, with grad), old_log_probs [batch, seq], advantages
     [batch, seq] or [batch], mask [batch, seq] (1 = response token), alpha in [-1, 1].
@@ -84,18 +118,16 @@ def entropic_policy_loss(
 
     # A weight w >= 0 commutes with PPO's min and clip, w * min(rA, clip(r)A) = min(r wA, clip(r) wA),
     # so all_tokens and covariance are plain PPO on weighted advantages.
-    ratio = torch.exp(log_probs - old_log_probs)
-    surrogate = ratio * weighted_advantages
-    clipped_surrogate = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * weighted_advantages
-    objective = torch.min(surrogate, clipped_surrogate)
-    if dual_clip is not None:
-        objective = torch.where(
-            weighted_advantages < 0, torch.max(objective, dual_clip * weighted_advantages), objective
-        )
-    if mode == "high_prob":
-        # alpha * mean over M of (-ratio * |A|), folded into the objective with the factor that
-        # turns the mean over the mask into the mean over M (aggregated the same way).
-        with torch.no_grad():
+    with torch.no_grad():
+        # Token mean over the batch, or mean over non-empty sequences of each sequence's token mean.
+        if token_level:
+            scale = 1.0 / lengths.sum().clamp(min=1.0)
+        else:
+            scale = 1.0 / (lengths[:, 0].clamp(min=1.0) * (lengths > 0).sum().clamp(min=1))
+        bonus = None
+        if mode == "high_prob":
+            # alpha * mean over M of (-ratio * |A|), folded into the objective with the factor that
+            # turns the mean over the mask into the mean over M (aggregated the same way).
             high_per_sequence = selector.sum(dim=-1, keepdim=True)
             if token_level:
                 rescale = lengths.sum() / high_per_sequence.sum().clamp(min=1.0)
@@ -104,8 +136,9 @@ def entropic_policy_loss(
                     (lengths > 0).sum() / (high_per_sequence > 0).sum().clamp(min=1)
                 )
             bonus = (alpha * rescale) * advantages.abs() * selector
-        objective = torch.addcmul(objective, ratio, bonus)
-    loss = _aggregate(-objective, mask, token_level)
+    loss, clipped_per_row = _ClippedSurrogateLoss.apply(
+        log_probs, old_log_probs, weighted_advantages, bonus, mask, scale, clip_eps_low, clip_eps_high, dual_clip
+    )
 
     with torch.no_grad():
         num_tokens = lengths.sum().clamp(min=1.0)
@@ -128,6 +161,6 @@ def entropic_policy_loss(
             # NaN, not 0, when a batch has no positive (or negative) token: the mean is undefined.
             "pos_weight_mean": 1 + alpha * (positive * selected).sum() / positive_tokens if positive_tokens else nan,
             "neg_weight_mean": 1 - alpha * (negative * selected).sum() / negative_tokens if negative_tokens else nan,
-            "clip_fraction": ((clipped_surrogate < surrogate).float() * mask).sum() / num_tokens,
+            "clip_fraction": clipped_per_row.sum() / num_tokens,
         }
     return loss, metrics
