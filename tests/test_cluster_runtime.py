@@ -325,6 +325,21 @@ def _allow_cuda_bookkeeping_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
 
 
+def _tiny_trainer(args, monkeypatch, gradient_accumulation_steps=1):
+    """OpenRLHF's strategy and our EntroPICActorPPOTrainer around a 1-layer Llama in a DeepSpeed engine."""
+    from openrlhf.utils import get_strategy
+
+    strategy = get_strategy(args)
+    # What setup_distributed computes: batch / micro 1 / world 1.
+    strategy.accumulated_gradient = gradient_accumulation_steps
+    actor, optimizer, scheduler = _tiny_actor(args, gradient_accumulation_steps)
+    _allow_cuda_bookkeeping_on_cpu(monkeypatch)
+    trainer = EntroPICActorPPOTrainer(
+        strategy, actor, ema_model=None, actor_optim=optimizer, actor_scheduler=scheduler, micro_train_batch_size=1
+    )
+    return trainer, strategy
+
+
 def _tiny_actor(args, gradient_accumulation_steps):
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -374,17 +389,10 @@ def _experience(seed, prompt=4, response=5):
 
 
 def test_openrlhf_training_step_steps_the_controller_once_per_optimizer_step(gloo_world, monkeypatch, cli_args):
-    from openrlhf.utils import get_strategy
     from openrlhf.utils.loss_utils import iter_grad_accum_global_norm
 
     args = cli_args(["--entropic.enable", "--entropic.target_entropy", "0.5", "--entropic.kp", "2"])
-    strategy = get_strategy(args)
-    strategy.accumulated_gradient = 2  # what setup_distributed computes: batch 2 / micro 1 / world 1
-    actor, optimizer, scheduler = _tiny_actor(args, gradient_accumulation_steps=2)
-    _allow_cuda_bookkeeping_on_cpu(monkeypatch)
-    trainer = EntroPICActorPPOTrainer(
-        strategy, actor, ema_model=None, actor_optim=optimizer, actor_scheduler=scheduler, micro_train_batch_size=1
-    )
+    trainer, strategy = _tiny_trainer(args, monkeypatch, gradient_accumulation_steps=2)
     assert isinstance(trainer.actor_loss_fn, EntroPICPolicyLoss)
     assert trainer.entropic_config.kp == 2.0 and trainer.entropic_config.target_entropy == 0.5
     # The CLI asked vLLM for log-probs for the estimate only: the user's loss keeps is_correction_level off.
@@ -397,7 +405,7 @@ def test_openrlhf_training_step_steps_the_controller_once_per_optimizer_step(glo
         statuses.append(trainer.training_step(experience, 0.0, step, loss_batch_info))
         controller_steps.append(trainer.entropic_loss.controller.steps)
     assert controller_steps == [1, 1, 2, 2]  # 4 micro-batches, 2 optimizer steps
-    assert actor.model.global_steps == 2
+    assert trainer.actor.model.global_steps == 2
     metrics, weights = statuses[-1]["metrics"], statuses[-1]["weights"]
     assert metrics[Metric.ALPHA] == trainer.entropic_loss.controller.alpha != 0.0
     assert weights[Metric.ALPHA] is None and weights[Metric.ENTROPY] == "token"
@@ -407,16 +415,9 @@ def test_openrlhf_training_step_steps_the_controller_once_per_optimizer_step(glo
 
 
 def test_training_step_is_plain_openrlhf_when_entropic_is_off(gloo_world, monkeypatch, cli_args):
-    from openrlhf.utils import get_strategy
 
     args = cli_args(["--entropic.enable", "false"])
-    strategy = get_strategy(args)
-    strategy.accumulated_gradient = 1
-    actor, optimizer, scheduler = _tiny_actor(args, gradient_accumulation_steps=1)
-    _allow_cuda_bookkeeping_on_cpu(monkeypatch)
-    trainer = EntroPICActorPPOTrainer(
-        strategy, actor, ema_model=None, actor_optim=optimizer, actor_scheduler=scheduler, micro_train_batch_size=1
-    )
+    trainer, strategy = _tiny_trainer(args, monkeypatch)
     assert trainer.entropic_loss is None and isinstance(trainer.actor_loss_fn, PolicyLoss)
     status = trainer.training_step(_experience(0), 0.0, 0, None)
     assert Metric.ALPHA not in status["metrics"] and "policy_loss" in status["metrics"]
@@ -424,27 +425,22 @@ def test_training_step_is_plain_openrlhf_when_entropic_is_off(gloo_world, monkey
 
 def test_controller_state_rides_in_a_real_deepspeed_checkpoint(gloo_world, monkeypatch, cli_args, tmp_path):
     """Our save_checkpoint through OpenRLHF's strategy.save_ckpt (DeepSpeed), then strategy.load_ckpt back."""
-    from openrlhf.utils import get_strategy
 
     args = cli_args(["--entropic.enable"], [*OPENRLHF_ARGV, "--ckpt.path", str(tmp_path)])
-    strategy = get_strategy(args)
-    strategy.accumulated_gradient = 1
-    actor, optimizer, scheduler = _tiny_actor(args, gradient_accumulation_steps=1)
-    _allow_cuda_bookkeeping_on_cpu(monkeypatch)
-    trainer = EntroPICActorPPOTrainer(
-        strategy, actor, ema_model=None, actor_optim=optimizer, actor_scheduler=scheduler, micro_train_batch_size=1
-    )
+    trainer, strategy = _tiny_trainer(args, monkeypatch)
     for entropy in (0.6, 0.5):
         trainer.entropic_loss.controller.update(entropy, weight=8)
     # The Ray actor's methods on a plain instance, with the attributes init_model_from_pretrained sets.
     policy_actor = entropic_actor.EntroPICPolicyModelActor.__ray_actor_class__.__new__(
         entropic_actor.EntroPICPolicyModelActor.__ray_actor_class__
     )
-    policy_actor.strategy, policy_actor.actor, policy_actor.trainer = strategy, actor, trainer
+    policy_actor.strategy, policy_actor.actor, policy_actor.trainer = strategy, trainer.actor, trainer
     policy_actor.disable_ds_ckpt, policy_actor.save_hf_ckpt = False, False
     policy_actor.save_checkpoint("global_step2", client_states={"global_step": 2})
 
-    _, states = strategy.load_ckpt(actor.model, os.path.join(str(tmp_path), "_actor"))  # as --ckpt.load_enable does
+    _, states = strategy.load_ckpt(
+        trainer.actor.model, os.path.join(str(tmp_path), "_actor")
+    )  # as --ckpt.load_enable does
     assert states["global_step"] == 2
     resumed = _entropic_loss(0.0)
     assert restore_controller_state(resumed, states)
