@@ -106,6 +106,8 @@ def entropic_policy_loss(
         lengths = mask.sum(dim=-1, keepdim=True)
         tokens_per_advantage = lengths if per_sequence else mask
         # w = 1 + alpha * sign(A) * s, where s in {-1, 0, 1} says which tokens are adjusted and how.
+        # A weight w >= 0 commutes with PPO's min and clip, w * min(rA, clip(r)A) = min(r wA, clip(r) wA),
+        # so all_tokens and covariance are plain PPO on weighted advantages.
         if mode == "all_tokens":
             selector = None  # s = 1 on every response token
             weighted_advantages = torch.add(advantages, advantages.abs(), alpha=alpha)  # A * w
@@ -116,9 +118,6 @@ def entropic_policy_loss(
             selector = (log_probs.detach() > math.log(high_prob_threshold)) * mask
             weighted_advantages = advantages
 
-    # A weight w >= 0 commutes with PPO's min and clip, w * min(rA, clip(r)A) = min(r wA, clip(r) wA),
-    # so all_tokens and covariance are plain PPO on weighted advantages.
-    with torch.no_grad():
         # Token mean over the batch, or mean over non-empty sequences of each sequence's token mean.
         if token_level:
             scale = 1.0 / lengths.sum().clamp(min=1.0)
