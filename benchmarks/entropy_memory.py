@@ -94,9 +94,9 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.chunk_size is None:
-        from openrlhf_entropic.entropic import EntroPICConfig
+        from openrlhf_entropic.runtime.local.config import RunConfig
 
-        args.chunk_size = EntroPICConfig().entropy_chunk_size
+        args.chunk_size = RunConfig().entropy_chunk_size
     if args.variant:
         print(json.dumps(run_variant(args)))
         return

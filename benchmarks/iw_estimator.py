@@ -17,10 +17,9 @@ import math
 import torch
 
 from openrlhf_entropic.entropic import entropic_policy_loss, importance_weighted_entropy, masked_mean
-from openrlhf_entropic.runtime.local.generator import sample_responses, score_samples
+from openrlhf_entropic.runtime.local.generator import compute_advantages, sample_responses, score_samples
 from openrlhf_entropic.runtime.local.learner import collate, policy_outputs
 from openrlhf_entropic.tasks import synthetic
-from openrlhf_entropic.tasks.advantages import compute_advantages
 
 STALENESS = (0, 2, 4, 8)
 ESTIMATORS = {  # name -> importance_weighted_entropy settings (None = the plain token mean)
@@ -75,7 +74,7 @@ def run(lr: float, seed: int, steps: int, cache: str) -> dict[tuple[int, str], l
         rewards = score_samples(samples, synthetic.reward_func)
         groups = [rewards[g * 8:(g + 1) * 8] for g in range(len(rows))]
         for sample, advantage in zip(samples, [a for g in compute_advantages(groups) for a in g], strict=True):
-            sample["advantage"] = advantage
+            sample.advantage = advantage
         batch = collate(samples, tokenizer.pad_token_id)
         log_probs, _ = policy_outputs(model, batch, 1.0, 1024)
         loss, _ = entropic_policy_loss(log_probs, batch["behavior_log_probs"], batch["advantages"], batch["mask"], 0.0)

@@ -39,8 +39,8 @@ def cli_args(monkeypatch):
     captured = []
     real_prepare = cli.prepare_openrlhf_args
 
-    def capture(args, config):
-        captured.append(real_prepare(args, config))
+    def capture(args, config, cluster):
+        captured.append(real_prepare(args, config, cluster))
         return captured[-1]
 
     def stop(*args, **kwargs):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from openrlhf_entropic.tasks.advantages import compute_advantages
+from openrlhf_entropic.runtime.local.generator import compute_advantages
 
 
 def test_grpo_normalizes_within_group():

@@ -22,6 +22,8 @@ from openrlhf.models import Actor, PolicyLoss
 from openrlhf.trainer.ppo_utils.experience import Experience
 
 from openrlhf_entropic.entropic import EntroPICConfig, Metric, importance_weighted_entropy, masked_mean
+from openrlhf_entropic.reporting.metrics import RunMetric
+from openrlhf_entropic.runtime.openrlhf import ClusterConfig
 from openrlhf_entropic.runtime.openrlhf import actor as entropic_actor
 from openrlhf_entropic.runtime.openrlhf.actor import (
     CONTROLLER_STATE_KEY,
@@ -35,7 +37,7 @@ from openrlhf_entropic.runtime.openrlhf.async_trainer import (
     StalenessAwareTrainingActor,
     VersionedVLLMLock,
     _CountWeightBroadcasts,
-    drop_stale,
+    keep_fresh,
     staleness_of,
 )
 
@@ -62,7 +64,7 @@ def _random_batch(batch=3, response=6, seed=0):
 
 def _entropic_loss(alpha, mode="high_prob", estimator="on_policy"):
     loss = EntroPICPolicyLoss(PolicyLoss(), EntroPICConfig(enable=True, mode=mode, estimator=estimator))
-    loss.controller.alpha = alpha
+    loss.entropic.controller.alpha = alpha
     return loss
 
 
@@ -125,11 +127,11 @@ def test_controller_measures_importance_weighted_entropy_from_rollout_log_probs(
     response_entropy = entropy[:, -mask.shape[1] :]
     expected, ess = importance_weighted_entropy(response_entropy, log_probs, rollout, mask.float())
     plain = masked_mean(response_entropy, mask)
-    assert loss_fn.controller.steps == 1
-    assert loss_fn.controller.last_entropy == pytest.approx(expected.item(), rel=1e-6)
+    assert loss_fn.entropic.controller.steps == 1
+    assert loss_fn.entropic.controller.last_entropy == pytest.approx(expected.item(), rel=1e-6)
     assert abs(expected.item() - plain.item()) > 1e-4  # the estimate really used the weights
-    assert loss_fn.ess == pytest.approx(ess.item(), rel=1e-6)
-    assert loss_fn.metrics[Metric.ENTROPY_IW][0] == loss_fn.controller.last_entropy
+    assert loss_fn.entropic.ess == pytest.approx(ess.item(), rel=1e-6)
+    assert loss_fn.metrics[Metric.ENTROPY_IW][0] == loss_fn.entropic.controller.last_entropy
     assert loss_fn.update_before_next_loss is False
 
 
@@ -140,13 +142,13 @@ def test_without_rollout_log_probs_the_old_ones_are_the_behavior_policy():
     loss_fn.keep_entropy(None, None, (log_probs, _ActorOutput(entropy)))
     loss_fn(log_probs, old, advantages, action_mask=mask)
     expected, _ = importance_weighted_entropy(entropy[:, -mask.shape[1] :], log_probs, old, mask.float())
-    assert loss_fn.controller.last_entropy == pytest.approx(expected.item(), rel=1e-6)
+    assert loss_fn.entropic.controller.last_entropy == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_controller_state_survives_a_checkpoint_round_trip():
     trained = _entropic_loss(0.0)
     for entropy in (0.4, 0.3, 0.25):
-        trained.controller.update(entropy, weight=10)
+        trained.entropic.controller.update(entropy, weight=10)
     client_states = save_controller_state({"global_step": 3}, trained)
     assert client_states["global_step"] == 3 and CONTROLLER_STATE_KEY in client_states
     buffer = io.BytesIO()
@@ -156,8 +158,8 @@ def test_controller_state_survives_a_checkpoint_round_trip():
 
     resumed = _entropic_loss(0.0)
     assert restore_controller_state(resumed, loaded)
-    assert resumed.controller.state_dict() == trained.controller.state_dict()
-    assert resumed.controller.update(0.2, weight=10) == trained.controller.update(0.2, weight=10)
+    assert resumed.entropic.controller.state_dict() == trained.entropic.controller.state_dict()
+    assert resumed.entropic.controller.update(0.2, weight=10) == trained.entropic.controller.update(0.2, weight=10)
     assert not restore_controller_state(_entropic_loss(0.0), {"global_step": 3})  # plain OpenRLHF checkpoint
     assert save_controller_state({"a": 1}, None) == {"a": 1}  # EntroPIC off: nothing added
 
@@ -170,11 +172,11 @@ def test_staleness_is_counted_in_weight_versions_and_stale_samples_are_dropped()
     samples = [_sample(5), _sample(5), _sample(3), _sample(7)]
     staleness = staleness_of(samples, current_version=7)
     assert staleness == [2, 2, 4, 0]
-    kept, dropped, metrics = drop_stale(samples, staleness, max_staleness=2)
+    kept, dropped, metrics = keep_fresh(samples, staleness, max_staleness=2)
     assert kept == [samples[0], samples[1], samples[3]] and dropped == 1
-    assert metrics[Metric.STALENESS_MEAN] == 2.0 and metrics[Metric.STALENESS_MAX] == 4.0
-    assert metrics[Metric.DROPPED_STALE] == 1.0
-    kept, dropped, _ = drop_stale(samples, staleness, max_staleness=None)
+    assert metrics[RunMetric.STALENESS_MEAN] == 2.0 and metrics[RunMetric.STALENESS_MAX] == 4.0
+    assert metrics[RunMetric.DROPPED_STALE] == 1.0
+    kept, dropped, _ = keep_fresh(samples, staleness, max_staleness=None)
     assert kept == samples and dropped == 0
     with pytest.raises(KeyError, match=POLICY_VERSION):
         staleness_of([Experience(prompts=["p"], info={})], current_version=1)
@@ -235,7 +237,7 @@ def test_async_trainer_builds_our_actors_inside_a_real_ray_worker(cli_args, monk
         training.vllm_lock, training.max_staleness, training.dropped_stale_total = lock, 1, 0  # what __init__ sets
         status, global_step = training.train_step([_sample(0), _sample(0)], 7)
         assert global_step == 7
-        assert status[Metric.DROPPED_STALE] == 2.0 and status[Metric.STALENESS_MAX] == 2.0
+        assert status[RunMetric.DROPPED_STALE] == 2.0 and status[RunMetric.STALENESS_MAX] == 2.0
     finally:
         ray.shutdown()
 
@@ -249,7 +251,8 @@ def test_flags_reach_the_config_the_actor_builds(cli_args):
         [*OPENRLHF_ARGV, "--actor.eps_clip_low_high", "0.2", "0.28"],
     )
     config = EntroPICConfig.from_args(args)  # exactly what EntroPICActorPPOTrainer.__init__ does
-    assert config.enable and config.kp == 3.0 and config.mode == "all_tokens" and config.max_staleness == 2
+    assert config.enable and config.kp == 3.0 and config.mode == "all_tokens"
+    assert ClusterConfig.from_args(args).max_staleness == 2
     assert config.ki == EntroPICConfig().ki  # untyped flags keep their defaults
     # OpenRLHF's own flags and its post-parse validation ran unchanged on the rest of argv.
     assert args.actor.eps_clip_low_high == [0.2, 0.28] and args.train.async_enable
@@ -257,7 +260,7 @@ def test_flags_reach_the_config_the_actor_builds(cli_args):
     # What EntroPIC needs was set, and recorded so the loss stays the user's.
     assert args.actor.entropy_coef == 0.0
     assert args.algo.advantage.is_correction_level == "token"
-    assert args.entropic.rollout_log_probs_for_estimate_only is True
+    assert ClusterConfig.from_args(args).rollout_log_probs_for_estimate_only is True
 
 
 def test_plumbing_leaves_openrlhf_alone_when_entropic_is_off(cli_args):
@@ -269,7 +272,7 @@ def test_plumbing_leaves_openrlhf_alone_when_entropic_is_off(cli_args):
 def test_a_users_own_is_correction_level_is_kept(cli_args):
     args = cli_args(["--entropic.enable"], [*OPENRLHF_ARGV, "--algo.advantage.is_correction_level", "seq"])
     assert args.algo.advantage.is_correction_level == "seq"
-    assert not getattr(args.entropic, "rollout_log_probs_for_estimate_only", False)
+    assert not ClusterConfig.from_args(args).rollout_log_probs_for_estimate_only
 
 
 def test_bad_entropic_flags_stop_before_openrlhf_runs(capsys):
@@ -289,7 +292,7 @@ def test_openrlhf_builds_our_classes_inside_the_launcher_context():
     from openrlhf_entropic.cli import train_ppo_ray as cli
     from openrlhf_entropic.runtime.openrlhf.async_trainer import EntroPICPPOTrainerAsync
 
-    with cli.entropic_openrlhf(EntroPICConfig(enable=True)):
+    with cli.entropic_openrlhf(EntroPICConfig(enable=True), ClusterConfig()):
         module_globals = runpy.run_module(cli.OPENRLHF_MODULE, run_name="probe")  # not __main__: no parsing
         assert module_globals["PolicyModelActor"] is entropic_actor.EntroPICPolicyModelActor
         assert ppo_trainer_async.PPOTrainerAsync is EntroPICPPOTrainerAsync  # train() imports it by this name
@@ -403,11 +406,11 @@ def test_openrlhf_training_step_steps_the_controller_once_per_optimizer_step(glo
     statuses, controller_steps = [], []
     for step, (experience, loss_batch_info) in enumerate(windows):
         statuses.append(trainer.training_step(experience, 0.0, step, loss_batch_info))
-        controller_steps.append(trainer.entropic_loss.controller.steps)
+        controller_steps.append(trainer.entropic_loss.entropic.controller.steps)
     assert controller_steps == [1, 1, 2, 2]  # 4 micro-batches, 2 optimizer steps
     assert trainer.actor.model.global_steps == 2
     metrics, weights = statuses[-1]["metrics"], statuses[-1]["weights"]
-    assert metrics[Metric.ALPHA] == trainer.entropic_loss.controller.alpha != 0.0
+    assert metrics[Metric.ALPHA] == trainer.entropic_loss.entropic.controller.alpha != 0.0
     assert weights[Metric.ALPHA] is None and weights[Metric.ENTROPY] == "token"
     assert 0.0 < metrics[Metric.ENTROPY].item() <= math.log(VOCAB)
     assert {Metric.ENTROPY_IW, Metric.ESS_FRACTION, Metric.P_TERM, Metric.I_TERM} <= metrics.keys()
@@ -429,7 +432,7 @@ def test_controller_state_rides_in_a_real_deepspeed_checkpoint(gloo_world, monke
     args = cli_args(["--entropic.enable"], [*OPENRLHF_ARGV, "--ckpt.path", str(tmp_path)])
     trainer, strategy = _tiny_trainer(args, monkeypatch)
     for entropy in (0.6, 0.5):
-        trainer.entropic_loss.controller.update(entropy, weight=8)
+        trainer.entropic_loss.entropic.controller.update(entropy, weight=8)
     # The Ray actor's methods on a plain instance, with the attributes init_model_from_pretrained sets.
     policy_actor = entropic_actor.EntroPICPolicyModelActor.__ray_actor_class__.__new__(
         entropic_actor.EntroPICPolicyModelActor.__ray_actor_class__
@@ -444,4 +447,4 @@ def test_controller_state_rides_in_a_real_deepspeed_checkpoint(gloo_world, monke
     assert states["global_step"] == 2
     resumed = _entropic_loss(0.0)
     assert restore_controller_state(resumed, states)
-    assert resumed.controller.state_dict() == trainer.entropic_loss.controller.state_dict()
+    assert resumed.entropic.controller.state_dict() == trainer.entropic_loss.entropic.controller.state_dict()

@@ -20,6 +20,7 @@ import pytest
 
 from openrlhf_entropic.cli.train_ppo_ray import build_parser
 from openrlhf_entropic.entropic import EntroPICConfig
+from openrlhf_entropic.runtime.openrlhf import ClusterConfig
 
 pytest_plugins = ["cluster_launch"]  # the cli_args fixture
 
@@ -178,9 +179,9 @@ def test_single_node_scripts_submit_a_valid_run(script, env, expected, run_scrip
 def test_async_entropic_script_bounds_staleness_and_keeps_the_loss(run_script, cli_args):
     (argv,) = _submitted(run_script("train_entropic_offpolicy_async.sh", MAX_STALENESS="2"))
     args = cli_args(argv, [])
-    assert EntroPICConfig.from_args(args).max_staleness == 2
+    assert ClusterConfig.from_args(args).max_staleness == 2
     assert args.algo.advantage.is_correction_level == "token"  # vLLM log-probs requested ...
-    assert args.entropic.rollout_log_probs_for_estimate_only  # ... for the estimate only
+    assert ClusterConfig.from_args(args).rollout_log_probs_for_estimate_only  # ... for the estimate only
 
 
 def test_multinode_script_roles(run_script, cli_args, ray_flags):
@@ -219,12 +220,13 @@ def test_compare_script_submits_four_runs_and_builds_the_report(run_script, tmp_
 def test_flags_doc_lists_every_entropic_flag_with_its_real_default():
     import dataclasses
 
-    rows = re.findall(r"^\| `--entropic\.(\w+)` \| `([^`]*)` \|", (ROOT / "docs" / "flags.md").read_text(), re.M)
-    defaults = EntroPICConfig()
-    fields = [field.name for field in dataclasses.fields(EntroPICConfig)]
-    assert [name for name, _ in rows] == fields, "docs/flags.md must list each EntroPICConfig field once, in order"
-    for name, documented in rows:
-        assert documented == str(getattr(defaults, name)), f"--entropic.{name}: docs say {documented}"
+    doc = (ROOT / "docs" / "flags.md").read_text()
+    rows = re.findall(r"^\| `--entropic\.(\w+)` \| `([^`]*)` \|", doc, re.M)
+    # The core's flags first, in order, then the runtime settings spelled --entropic.* (cluster defaults).
+    flagged = [f for cls in (EntroPICConfig, ClusterConfig) for f in dataclasses.fields(cls) if "help" in f.metadata]
+    assert [name for name, _ in rows] == [f.name for f in flagged], "docs/flags.md must list each flag once, in order"
+    for (name, documented), field in zip(rows, flagged, strict=True):
+        assert documented == str(field.default), f"--entropic.{name}: docs say {documented}"
 
 
 def test_help_works_without_openrlhf_vllm_or_flash_attn():

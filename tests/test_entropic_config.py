@@ -33,7 +33,7 @@ def test_typed_flags_win_over_preset_values():
 def test_boolean_and_optional_values():
     assert EntroPICConfig.from_args(parse(["--entropic.enable", "false"])).enable is False
     assert EntroPICConfig.from_args(parse(["--entropic.enable", "true"])).enable is True
-    assert EntroPICConfig.from_args(parse(["--entropic.max_staleness", "4"])).max_staleness == 4
+    assert EntroPICConfig.from_args(parse(["--entropic.target_start", "0.5"])).target_start == 0.5
     assert EntroPICConfig.from_args(parse(["--entropic.target_start", "none"])).target_start is None
     with pytest.raises(SystemExit):
         parse(["--entropic.enable", "maybe"])
@@ -56,7 +56,6 @@ def test_nested_namespace_as_built_by_openrlhf_hierarchize(namespace):
         (["--entropic.alpha_max", "2"], "alpha_max"),
         (["--entropic.high_prob_threshold", "1.0"], "high_prob_threshold"),
         (["--entropic.min_ess_fraction", "-0.1"], "min_ess_fraction"),
-        (["--entropic.max_staleness", "-1"], "max_staleness"),
         (["--entropic.iw_log_clip", "0"], "iw_log_clip"),
     ],
 )

@@ -12,7 +12,12 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openrlhf_entropic.entropic import EntroPICController
+from openrlhf_entropic.entropic import EntroPICConfig, EntroPICController
+
+
+def make(target_entropy, reduce_fn=None, **gains):
+    """A controller from a config with these settings."""
+    return EntroPICController(EntroPICConfig(target_entropy=target_entropy, **gains), reduce_fn=reduce_fn)
 
 
 def run_plant(controller, steps, drift, gain=0.05, noise=0.0, start=0.8, seed=0):
@@ -36,7 +41,7 @@ def mean_abs_error(history, target):
 
 
 def test_sign_convention_too_much_entropy_gives_positive_alpha():
-    controller = EntroPICController(target_entropy=0.5, kp=1.0, ki=0.0)
+    controller = make(target_entropy=0.5, kp=1.0, ki=0.0)
     assert controller.update(0.8) > 0  # too much entropy -> alpha > 0 lowers it
     assert controller.update(0.2) < 0
     assert controller.update(0.5) == 0.0
@@ -44,25 +49,25 @@ def test_sign_convention_too_much_entropy_gives_positive_alpha():
 
 def test_pi_reaches_and_holds_target_against_collapse_drift_and_noise():
     target = 0.3
-    controller = EntroPICController(target_entropy=target, kp=1.0, ki=0.05)
+    controller = make(target_entropy=target, kp=1.0, ki=0.05)
     history = run_plant(controller, steps=1500, drift=-0.01, noise=0.01)
     assert mean_abs_error(history, target) < 0.02
     # Without control the same plant collapses far below the target.
-    off = EntroPICController(target_entropy=target, kp=0.0, ki=0.0)
+    off = make(target_entropy=target, kp=0.0, ki=0.0)
     assert mean_abs_error(run_plant(off, steps=1500, drift=-0.01, noise=0.01), target) > 0.2
 
 
 def test_p_only_leaves_steady_state_error_that_pi_removes():
     target, drift, gain, kp = 0.3, -0.01, 0.05, 1.0
-    p_only = run_plant(EntroPICController(target, kp=kp, ki=0.0), steps=2000, drift=drift, gain=gain)
-    pi = run_plant(EntroPICController(target, kp=kp, ki=0.05), steps=2000, drift=drift, gain=gain)
+    p_only = run_plant(make(target, kp=kp, ki=0.0), steps=2000, drift=drift, gain=gain)
+    pi = run_plant(make(target, kp=kp, ki=0.05), steps=2000, drift=drift, gain=gain)
     # P-only settles where kp * e * gain cancels the drift: e = drift / (gain * kp) = -0.2.
     assert p_only[-1] - target == pytest.approx(drift / (gain * kp), abs=1e-3)
     assert abs(pi[-1] - target) < 1e-3
 
 
 def test_saturation_does_not_wind_up():
-    controller = EntroPICController(target_entropy=0.1, kp=1.0, ki=0.1, alpha_max=1.0)
+    controller = make(target_entropy=0.1, kp=1.0, ki=0.1, alpha_max=1.0)
     for _ in range(1000):  # a plant stuck far above target: alpha saturates at +1
         assert controller.update(2.0) == 1.0
     assert controller.ki * controller.integral <= controller.alpha_max + 1e-12
@@ -74,7 +79,7 @@ def test_saturation_does_not_wind_up():
 
 
 def test_integral_stays_clamped_even_without_saturation():
-    controller = EntroPICController(target_entropy=0.1, kp=0.0, ki=0.1, alpha_max=0.5)
+    controller = make(target_entropy=0.1, kp=0.0, ki=0.1, alpha_max=0.5)
     for _ in range(1000):
         controller.update(0.11)  # small error, alpha never saturates until ki*I reaches the bound
     assert controller.ki * controller.integral == pytest.approx(0.5)
@@ -89,7 +94,7 @@ def test_integral_stays_clamped_even_without_saturation():
     st.floats(min_value=0.0, max_value=1.0),
 )
 def test_alpha_and_integral_always_bounded(measurements, alpha_max, kp, ki):
-    controller = EntroPICController(target_entropy=0.5, kp=kp, ki=ki, alpha_max=alpha_max)
+    controller = make(target_entropy=0.5, kp=kp, ki=ki, alpha_max=alpha_max)
     for h in measurements:
         alpha = controller.update(h)
         assert -alpha_max <= alpha <= alpha_max
@@ -99,7 +104,7 @@ def test_alpha_and_integral_always_bounded(measurements, alpha_max, kp, ki):
 
 
 def test_nonfinite_measurement_is_counted_not_integrated():
-    controller = EntroPICController(target_entropy=0.5, kp=1.0, ki=0.1)
+    controller = make(target_entropy=0.5, kp=1.0, ki=0.1)
     controller.update(0.7)
     before = controller.state_dict()
     for bad in (float("nan"), float("inf"), torch.tensor(float("-inf"))):
@@ -114,17 +119,17 @@ def test_nonfinite_measurement_is_counted_not_integrated():
 def test_state_dict_round_trip_gives_identical_futures():
     rng = random.Random(3)
     measurements = [0.5 + rng.gauss(0, 0.2) for _ in range(80)]
-    original = EntroPICController(0.4, kp=2.0, ki=0.05, target_start=0.8, target_warmup_steps=30)
+    original = make(0.4, kp=2.0, ki=0.05, target_start=0.8, target_warmup_steps=30)
     for h in measurements[:40]:
         original.update(h)
     state = json.loads(json.dumps(original.state_dict()))  # plain data survives any format
-    restored = EntroPICController(0.4, kp=2.0, ki=0.05, target_start=0.8, target_warmup_steps=30)
+    restored = make(0.4, kp=2.0, ki=0.05, target_start=0.8, target_warmup_steps=30)
     restored.load_state_dict(state)
     assert [original.update(h) for h in measurements[40:]] == [restored.update(h) for h in measurements[40:]]
 
 
 def test_linear_target_schedule():
-    controller = EntroPICController(target_entropy=0.2, target_start=1.0, target_warmup_steps=4, kp=0.0, ki=0.0)
+    controller = make(target_entropy=0.2, target_start=1.0, target_warmup_steps=4, kp=0.0, ki=0.0)
     targets = []
     for _ in range(6):
         targets.append(controller.target)
@@ -144,13 +149,13 @@ def test_linear_target_schedule():
 )
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError, match="--entropic"):
-        EntroPICController(**kwargs)
+        make(**kwargs)
 
 
 def test_reduce_fn_averages_by_token_count():
     # Two fake ranks: rank A measured 1.0 over 300 tokens, rank B 0.0 over 100 tokens.
     other_rank = torch.tensor([0.0 * 100, 100.0], dtype=torch.float64)
-    controller = EntroPICController(0.5, kp=1.0, ki=0.0, reduce_fn=lambda values: values + other_rank)
+    controller = make(0.5, kp=1.0, ki=0.0, reduce_fn=lambda values: values + other_rank)
     assert controller.update(1.0, weight=300) == pytest.approx(0.75 - 0.5)
 
 
@@ -159,7 +164,7 @@ def _two_rank_worker(rank, port, measurements, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from openrlhf_entropic.entropic import all_reduce_sum
 
-    controller = EntroPICController(0.5, kp=1.0, ki=0.1, reduce_fn=all_reduce_sum)
+    controller = make(0.5, kp=1.0, ki=0.1, reduce_fn=all_reduce_sum)
     alphas = [controller.update(h, weight=w) for h, w in measurements[rank]]
     results[rank] = (alphas, controller.state_dict())
     dist.destroy_process_group()

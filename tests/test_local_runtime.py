@@ -10,6 +10,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from openrlhf_entropic.cli.train import build_task, main, parse_args  # noqa: E402
+from openrlhf_entropic.reporting.metrics import RunMetric  # noqa: E402
 from openrlhf_entropic.runtime.local.trainer import LocalTrainer  # noqa: E402
 
 
@@ -88,14 +89,14 @@ def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path)
     trainer._fill(pending_train=0)  # jobs now sent to the dead actor must come back through the re-queue
     assert any(index == 0 for _, index, _ in trainer.inflight.values()), "generator 0 should have work in flight"
     rows = trainer.train(4)
-    assert trainer.counters["generator_restarts"] == 1 and trainer.counters["requeued_jobs"] >= 1
+    assert trainer.counters[RunMetric.GENERATOR_RESTARTS] == 1 and trainer.counters[RunMetric.REQUEUED_JOBS] >= 1
     assert all(row["staleness_max"] <= 2 for row in rows) and any(row["staleness_max"] > 0 for row in rows)
 
-    job_samples = trainer.job_prompts * 4
-    buffered = ray.get(trainer.buffer.__ray_call__.remote(lambda b: [s["uid"] for s in b.samples]))
+    job_samples = trainer.config.job_samples
+    buffered = ray.get(trainer.buffer.__ray_call__.remote(lambda b: [s.uid for s in b.samples]))
     held = Counter(trainer.consumed_uids) + Counter(buffered)
-    pending = [job["uid"] for job, _, _ in trainer.inflight.values()] + [job["uid"] for job in trainer.requeue]
-    dropped = ray.get(trainer.buffer.stats.remote())["dropped_stale"]
+    pending = [job.uid for job, _, _ in trainer.inflight.values()] + [job.uid for job in trainer.requeue]
+    dropped = ray.get(trainer.buffer.evicted_count.remote())
     assert len(trainer.consumed_uids) == 6 * 16
     assert max(held.values()) <= job_samples  # nothing counted twice
     assert sum(held.values()) + job_samples * len(pending) + dropped == trainer.next_uid * job_samples  # none lost

@@ -6,7 +6,8 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from openrlhf_entropic.entropic.config import Metric
-from openrlhf_entropic.runtime.summary import load_run, summarize, tracking_error
+from openrlhf_entropic.reporting.metrics import RunMetric
+from openrlhf_entropic.reporting.summary import load_run, summarize, tracking_error
 
 
 def test_tracking_error_by_hand():
@@ -175,8 +176,8 @@ def test_load_run_reads_our_metric_tags_and_rejects_ambiguous_dirs(tmp_path):
     writer = SummaryWriter(log_dir=str(tmp_path / "a"))
     for step in range(3):
         writer.add_scalar(Metric.ENTROPY, 0.5, step)
-        writer.add_scalar(Metric.STALENESS_MEAN, 2.0, step)
-        writer.add_scalar(Metric.EVAL_ENTROPY_TRUE, 0.45, step)
+        writer.add_scalar(RunMetric.STALENESS_MEAN, 2.0, step)
+        writer.add_scalar(RunMetric.EVAL_ENTROPY_TRUE, 0.45, step)
     writer.close()
     train, evals, _ = load_run(tmp_path / "a")
     assert train[2] == {"step": 2, "entropy": 0.5, "staleness_mean": 2.0}

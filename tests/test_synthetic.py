@@ -39,8 +39,8 @@ def test_warm_start_is_cached_and_learns_the_task(tmp_path):
     train, _ = synthetic.make_prompts()
     torch.manual_seed(0)
     samples = sample_responses(model, tokenizer, train[:16], 8, 1.0, 1.0, 3)
-    verdicts = synthetic.is_correct([s["text"] for s in samples], [s["prompt"] for s in samples],
-                                    [s["label"] for s in samples])
+    verdicts = synthetic.is_correct([s.text for s in samples], [s.prompt for s in samples],
+                                    [s.label for s in samples])
     assert sum(verdicts) / len(verdicts) > 0.15  # random letters would score 12/144 ~ 0.08 at best
 
 

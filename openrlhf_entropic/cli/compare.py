@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from openrlhf_entropic.entropic.config import LOSS_MODES
-from openrlhf_entropic.runtime.summary import is_finite, load_run, summarize
+from openrlhf_entropic.reporting.summary import is_finite, load_run, summarize
 
 # Rows of the report table, in this order.
 REPORT_FIELDS = (

@@ -23,8 +23,8 @@ import runpy
 import sys
 from collections.abc import Iterator
 
-from openrlhf_entropic.entropic.config import EntroPICConfig, add_entropic_args
-from openrlhf_entropic.runtime.openrlhf import ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY
+from openrlhf_entropic.entropic.config import EntroPICConfig, add_dataclass_flags, add_entropic_args
+from openrlhf_entropic.runtime.openrlhf import ClusterConfig
 
 OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
 
@@ -50,31 +50,38 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add_entropic_args(parser)
+    group = add_entropic_args(parser)
+    add_dataclass_flags(group, ClusterConfig, lambda name: f"--entropic.{name}", lambda name: f"entropic.{name}")
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[EntroPICConfig, list[str]]:
-    """Split argv into our validated EntroPIC config and the argv left for OpenRLHF."""
+def parse_args(argv: list[str]) -> tuple[EntroPICConfig, ClusterConfig, list[str]]:
+    """Split argv into our validated configs and the argv left for OpenRLHF."""
     parser = build_parser()
     ours, openrlhf_argv = parser.parse_known_args(argv)
     try:
-        config = EntroPICConfig.from_args(ours)
+        return EntroPICConfig.from_args(ours), ClusterConfig.from_args(ours), openrlhf_argv
     except ValueError as error:
         parser.error(str(error))
-    return config, openrlhf_argv
 
 
-def prepare_openrlhf_args(args, config: EntroPICConfig):
-    """Attach `config` to OpenRLHF's hierarchized args as `args.entropic`, and set what EntroPIC needs.
+def prepare_openrlhf_args(args, config: EntroPICConfig, cluster: ClusterConfig):
+    """Attach both configs to OpenRLHF's hierarchized args as `args.entropic`, and set what EntroPIC needs.
 
     `args` is the nested namespace of `openrlhf.utils.config.hierarchize`. Each change is printed.
     """
-    args.entropic = argparse.Namespace(**dataclasses.asdict(config))
-    if config.max_staleness is not None and not args.train.async_enable:
+    if cluster.max_staleness is not None and not args.train.async_enable:
         print("[EntroPIC] --entropic.max_staleness has no effect without --train.async_enable (staleness is 0)")
-    if not config.enable:
-        return args
+    if config.enable:
+        estimate_only = _set_what_entropic_needs(args, config)
+        cluster = dataclasses.replace(cluster, rollout_log_probs_for_estimate_only=estimate_only)
+    args.entropic = argparse.Namespace(**dataclasses.asdict(config), **dataclasses.asdict(cluster))
+    return args
+
+
+def _set_what_entropic_needs(args, config: EntroPICConfig) -> bool:
+    """Turn on the actor entropy and vLLM log-probs EntroPIC reads; True if the log-probs feed only the estimate."""
+    estimate_only = False
     if args.actor.entropy_coef is None:
         args.actor.entropy_coef = 0.0
         print("[EntroPIC] --actor.entropy_coef 0 (log only): the actor forward now returns the entropy")
@@ -83,19 +90,19 @@ def prepare_openrlhf_args(args, config: EntroPICConfig):
             # OpenRLHF requests vLLM log-probs (logprobs=1, logprobs_mode=processed_logprobs) only
             # when this is not "off"; the actor resets its PolicyLoss back to "off".
             args.algo.advantage.is_correction_level = "token"
-            setattr(args.entropic, ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, True)
+            estimate_only = True
             print("[EntroPIC] asking vLLM for sampling log-probs for the entropy estimate; the loss is unchanged")
         if args.rollout.top_p < 1.0:
             print(
                 "[EntroPIC] warning: --rollout.top_p < 1 makes vLLM's processed log-probs those of the "
                 "truncated distribution, which the importance weights then treat as the behavior policy"
             )
-    return args
+    return estimate_only
 
 
 @contextlib.contextmanager
-def entropic_openrlhf(config: EntroPICConfig) -> Iterator[None]:
-    """While open, OpenRLHF builds our actor and async trainer, and its `hierarchize` attaches `config`."""
+def entropic_openrlhf(config: EntroPICConfig, cluster: ClusterConfig) -> Iterator[None]:
+    """While open, OpenRLHF builds our actor and async trainer, and its `hierarchize` attaches our configs."""
     from openrlhf.trainer import ppo_trainer_async
     from openrlhf.trainer.ray import ppo_actor
     from openrlhf.utils import config as openrlhf_config
@@ -107,7 +114,7 @@ def entropic_openrlhf(config: EntroPICConfig) -> Iterator[None]:
     upstream_hierarchize = openrlhf_config.hierarchize
 
     def hierarchize_with_entropic(flat_args):
-        return prepare_openrlhf_args(upstream_hierarchize(flat_args), config)
+        return prepare_openrlhf_args(upstream_hierarchize(flat_args), config, cluster)
 
     with (
         # The driver runs these imports itself (runpy, and inside train()), so the module attributes are read.
@@ -118,20 +125,20 @@ def entropic_openrlhf(config: EntroPICConfig) -> Iterator[None]:
         yield
 
 
-def run_openrlhf(config: EntroPICConfig, openrlhf_argv: list[str]) -> None:
-    """Run OpenRLHF's train_ppo_ray `__main__` on `openrlhf_argv`, inside `entropic_openrlhf(config)`."""
+def run_openrlhf(config: EntroPICConfig, cluster: ClusterConfig, openrlhf_argv: list[str]) -> None:
+    """Run OpenRLHF's train_ppo_ray `__main__` on `openrlhf_argv`, inside `entropic_openrlhf`."""
     saved_argv = sys.argv
     sys.argv = [OPENRLHF_MODULE, *openrlhf_argv]
     try:
-        with entropic_openrlhf(config):
+        with entropic_openrlhf(config, cluster):
             runpy.run_module(OPENRLHF_MODULE, run_name="__main__")
     finally:
         sys.argv = saved_argv
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, openrlhf_argv = parse_args(sys.argv[1:] if argv is None else argv)
-    run_openrlhf(config, openrlhf_argv)
+    config, cluster, openrlhf_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    run_openrlhf(config, cluster, openrlhf_argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
-"""EntroPIC settings and the `--entropic.*` flags, defined once for both runtimes.
+"""EntroPIC settings and the `--entropic.*` flags, defined once so a flag means the same in both runtimes.
 
-Both CLIs (the embedded `cli.train` and the cluster `cli.train_ppo_ray`) call
-`add_entropic_args` and `EntroPICConfig.from_args`, so a flag means the same thing
-everywhere. Metric names that either runtime logs are defined here too.
+The flags are generated from the dataclass fields, so the config, the CLI and docs/flags.md cannot drift.
 """
 
 from __future__ import annotations
@@ -10,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 LOSS_MODES = ("high_prob", "all_tokens", "covariance")
@@ -59,12 +58,6 @@ class EntroPICConfig:
         default=0.5,
         metadata={"help": "Blend toward the plain mean as ESS/tokens falls below this; 0 = never blend."},
     )
-    max_staleness: int | None = field(
-        default=None, metadata={"help": "Drop samples more than this many policy versions old (None = keep all)."}
-    )
-    entropy_chunk_size: int = field(
-        default=256, metadata={"help": "Token rows per chunk when computing entropy from logits."}
-    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,10 +86,6 @@ class EntroPICConfig:
             raise ValueError(f"--entropic.iw_log_clip must be > 0, got {self.iw_log_clip}")
         if not 0 <= self.min_ess_fraction <= 1:
             raise ValueError(f"--entropic.min_ess_fraction must be in [0, 1], got {self.min_ess_fraction}")
-        if self.max_staleness is not None and self.max_staleness < 0:
-            raise ValueError(f"--entropic.max_staleness must be >= 0, got {self.max_staleness}")
-        if self.entropy_chunk_size < 1:
-            raise ValueError(f"--entropic.entropy_chunk_size must be >= 1, got {self.entropy_chunk_size}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> EntroPICConfig:
@@ -104,18 +93,29 @@ class EntroPICConfig:
 
         `overrides` are preset values; a flag the user typed wins over them.
         """
-        nested = getattr(args, "entropic", None)
-        values = {}
-        for f in dataclasses.fields(cls):
-            if nested is not None and hasattr(nested, f.name):  # argparse or SimpleNamespace
-                value = getattr(nested, f.name)
-            else:
-                value = getattr(args, f"entropic.{f.name}", None)
-            if value is not None:  # None = the user did not type the flag
-                values[f.name] = value
-            elif f.name in overrides:
-                values[f.name] = overrides[f.name]
-        return cls(**values)
+        return dataclass_from_args(cls, args, "entropic", overrides)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, group: str = "", overrides: dict | None = None):
+    """An instance of dataclass `cls` from `args`: a typed flag wins over `overrides`, which win over defaults.
+
+    With a `group`, field `x` is read from `args.<group>.x` (OpenRLHF's hierarchize nests dotted flags)
+    or from the flat `"<group>.x"` our parsers store; without one, from `args.x`. Flags added by
+    `add_dataclass_flags` default to None, which is how an untyped flag is told apart.
+    """
+    nested = getattr(args, group, None) if group else None
+    overrides = overrides or {}
+    values = {}
+    for f in dataclasses.fields(cls):
+        if nested is not None:
+            value = getattr(nested, f.name, None)
+        else:
+            value = getattr(args, f"{group}.{f.name}" if group else f.name, None)
+        if value is not None:
+            values[f.name] = value
+        elif f.name in overrides:
+            values[f.name] = overrides[f.name]
+    return cls(**values)
 
 
 def _str2bool(text: str) -> bool:
@@ -135,44 +135,45 @@ def _optional(kind):
     return parse
 
 
-def add_entropic_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add every `--entropic.<field>` flag of EntroPICConfig to `parser`.
+def add_dataclass_flags(group, cls, flag_of: Callable[[str], str], dest_of: Callable[[str], str]) -> None:
+    """Add one flag per field of dataclass `cls` to `group` (a parser or argument group).
 
-    Defaults are left as None so that `EntroPICConfig.from_args` can tell a typed flag from
-    a preset; the dataclass default is shown in the help. `--entropic.enable` works both as
-    a bare switch and as `--entropic.enable false`.
+    Help, choices, metavar and extra spellings (`aliases`) come from each field's metadata; the
+    dataclass default is shown in the help. A field without help is set by code, not by a flag.
+    Every flag defaults to None, so `dataclass_from_args` can tell a typed flag from a preset. Booleans work bare (`--resume`) and as `--resume false`.
     """
-    group = parser.add_argument_group(
-        "EntroPIC (shared by the embedded and cluster runtimes)",
-        "Defaults shown are the library's; a --preset may set other values, and a typed flag wins over both.",
-    )
-    defaults = EntroPICConfig()
-    for f in dataclasses.fields(EntroPICConfig):
-        flag = f"--entropic.{f.name}"
-        default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if f.name == "enable":
-            group.add_argument(flag, dest=flag[2:], nargs="?", const=True, default=None, type=_str2bool, help=help_text)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
             continue
+        names = [flag_of(f.name), *f.metadata.get("aliases", ())]
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)})".replace("%", "%%")
         type_name = f.type.split(" ")[0]
+        if type_name == "bool":
+            group.add_argument(*names, dest=dest_of(f.name), nargs="?", const=True, default=None, type=_str2bool,
+                               help=help_text)
+            continue
         kind = {"int": int, "float": float, "str": str}[type_name]
         if "None" in f.type:
             kind = _optional(kind)
         choices = f.metadata.get("choices")
-        group.add_argument(
-            flag,
-            dest=flag[2:],
-            type=kind,
-            default=None,
-            choices=choices,
-            metavar=None if choices else type_name.upper(),
-            help=help_text,
-        )
+        metavar = f.metadata.get("metavar", None if choices else type_name.upper())
+        group.add_argument(*names, dest=dest_of(f.name), type=kind, default=None, choices=choices, metavar=metavar,
+                           help=help_text)
+
+
+def add_entropic_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add every `--entropic.<field>` flag of EntroPICConfig to `parser`; returns the argument group."""
+    group = parser.add_argument_group(
+        "EntroPIC (shared by the embedded and cluster runtimes)",
+        "Defaults shown are the library's; a --preset may set other values, and a typed flag wins over both.",
+    )
+    add_dataclass_flags(group, EntroPICConfig, lambda name: f"--entropic.{name}", lambda name: f"entropic.{name}")
     return group
 
 
-# Names of every logged metric, in one place. TensorBoard tags use them as written;
-# metrics.jsonl uses the part after the slash.
+# Names of the metrics the core produces. TensorBoard tags use them as written; metrics.jsonl uses
+# the part after the slash. The runtimes' own names (rollout, perf, eval) are in reporting.metrics.
 class Metric:
     ALPHA = "entropic/alpha"
     ENTROPY = "entropic/entropy"
@@ -184,22 +185,5 @@ class Metric:
     I_TERM = "entropic/i_term"
     NONFINITE_SKIPPED = "entropic/nonfinite_skipped"
     ADJUSTED_FRACTION = "entropic/adjusted_fraction"
-    POS_WEIGHT = "entropic/pos_weight_mean"
-    NEG_WEIGHT = "entropic/neg_weight_mean"
     CLIP_FRACTION = "train/clip_fraction"
     POLICY_LOSS = "train/policy_loss"
-    STALENESS_MEAN = "rollout/staleness_mean"
-    STALENESS_MAX = "rollout/staleness_max"
-    DROPPED_STALE = "rollout/dropped_stale"
-    REWARD_MEAN = "rollout/reward_mean"
-    DROPPED_NAN = "rollout/dropped_nan"
-    GENERATOR_RESTARTS = "rollout/generator_restarts"
-    REQUEUED_JOBS = "rollout/requeued_jobs"
-    SAMPLES_PER_SECOND = "perf/samples_per_second"
-    GENERATE_SECONDS = "perf/generate_seconds"
-    TRAIN_SECONDS = "perf/train_seconds"
-    SECONDS = "perf/seconds"
-    EVAL_ENTROPY_TRUE = "eval/entropy_true"
-    EVAL_PASS_AT_1 = "eval/pass_at_1"
-    EVAL_PASS_AT_K = "eval/pass_at_k"
-    EVAL_K = "eval/k"

@@ -42,31 +42,14 @@ class EntroPICController:
     A NaN/inf measurement leaves the state untouched, is counted, and keeps the last alpha.
     """
 
-    def __init__(
-        self,
-        target_entropy: float,
-        kp: float = 1.0,
-        ki: float = 0.01,
-        alpha_max: float = 1.0,
-        target_start: float | None = None,
-        target_warmup_steps: int = 0,
-        reduce_fn: ReduceFn | None = None,
-    ) -> None:
-        # The config's validation is the one source of the rules for these numbers.
-        EntroPICConfig(
-            target_entropy=target_entropy,
-            kp=kp,
-            ki=ki,
-            alpha_max=alpha_max,
-            target_start=target_start,
-            target_warmup_steps=target_warmup_steps,
-        )
-        self.target_entropy = float(target_entropy)
-        self.kp = float(kp)
-        self.ki = float(ki)
-        self.alpha_max = float(alpha_max)
-        self.target_start = None if target_start is None else float(target_start)
-        self.target_warmup_steps = int(target_warmup_steps)
+    def __init__(self, config: EntroPICConfig, reduce_fn: ReduceFn | None = None) -> None:
+        """Gains, bound and target schedule from `config` (validated there); `reduce_fn` sums over ranks."""
+        self.target_entropy = float(config.target_entropy)
+        self.kp = float(config.kp)
+        self.ki = float(config.ki)
+        self.alpha_max = float(config.alpha_max)
+        self.target_start = None if config.target_start is None else float(config.target_start)
+        self.target_warmup_steps = int(config.target_warmup_steps)
         self.reduce_fn = reduce_fn
         self.integral = 0.0
         self.alpha = 0.0
@@ -75,19 +58,6 @@ class EntroPICController:
         self.last_entropy = float("nan")
         self.steps = 0  # finite measurements integrated so far; drives the target schedule
         self.nonfinite_skipped = 0
-
-    @classmethod
-    def from_config(cls, config: EntroPICConfig, reduce_fn: ReduceFn | None = None) -> EntroPICController:
-        """Build a controller from the shared `--entropic.*` settings."""
-        return cls(
-            target_entropy=config.target_entropy,
-            kp=config.kp,
-            ki=config.ki,
-            alpha_max=config.alpha_max,
-            target_start=config.target_start,
-            target_warmup_steps=config.target_warmup_steps,
-            reduce_fn=reduce_fn,
-        )
 
     @property
     def target(self) -> float:

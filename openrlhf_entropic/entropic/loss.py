@@ -2,6 +2,8 @@
 
 Every mode reweights positive-advantage and negative-advantage tokens by alpha; with alpha > 0
 positives weigh more and entropy falls, with alpha < 0 negatives weigh more and it rises.
+The embedded runtime trains on the whole loss; the cluster runtime adds the term alone
+(`term_only=True`) to OpenRLHF's own PolicyLoss.
 """
 
 from __future__ import annotations
@@ -14,47 +16,44 @@ from .config import LOSS_MODES
 
 
 class _ClippedSurrogateLoss(torch.autograd.Function):
-    """-sum_t scale * mask_t * (min(r_t A_t, clip(r_t) A_t) + r_t * bonus_t), with a hand-written backward.
+    """-sum_t scale * mask_t * (C_t * bounded(r_t) + r_t * bonus_t), with a hand-written backward.
 
-    Autograd would keep and revisit every intermediate (ratio, both surrogates, their min); the
-    gradient needs only the ratio and which tokens are unclipped:
-    d loss / d log p_t = -scale * mask_t * r_t * (A_t [t unclipped] + bonus_t).
-    Inputs [batch, seq] except advantages ([batch, 1] or [batch, seq]) and scale (0-dim or [batch]).
+    bounded(r) is PPO's clip of the ratio on the side the advantage A_t picks: min(r, 1 + eps_high)
+    for A > 0, max(r, 1 - eps_low) (capped at dual_clip) for A < 0. C_t = A_t gives plain PPO.
+    Autograd would keep every intermediate; the gradient needs only the ratio and the unclipped set:
+    d loss / d log p_t = -scale * mask_t * r_t * (C_t [t unclipped] + bonus_t).
+    Inputs [batch, seq] except advantages and coefficients ([batch, 1] or [batch, seq]) and scale
+    (0-dim or [batch]); coefficients or bonus may be None (= 0).
     Returns (loss 0-dim, clipped [batch]: response tokens per row whose gradient was clipped away).
     """
 
     @staticmethod
-    def forward(ctx, log_probs, old_log_probs, advantages, bonus, mask, scale, clip_low, clip_high, dual_clip):
+    def forward(ctx, log_probs, old_log_probs, advantages, coefficients, bonus, mask, scale, clip_low, clip_high,
+                dual_clip):
         ratio = (log_probs.detach().float() - old_log_probs.float()).exp_()
-        # min(rA, clip(r)A) = A * min(r, 1 + eps_high) if A > 0, A * max(r, 1 - eps_low) if A < 0;
-        # the dual clip caps the latter at dual_clip.
         upper = ratio.clamp(max=1.0 + clip_high)
         lower = ratio.clamp(min=1.0 - clip_low) if dual_clip is None else ratio.clamp(1.0 - clip_low, dual_clip)
         bounded = torch.where(advantages > 0, upper, lower)
-        clipped = bounded != ratio
-        if advantages.shape[-1] != 1:
-            clipped &= advantages != 0  # an A = 0 token has no gradient to clip
-        clipped_per_row = torch.linalg.vecdot(clipped.to(mask.dtype), mask)
-        if advantages.shape[-1] == 1:
-            clipped_per_row = clipped_per_row * (advantages[:, 0] != 0)
-        objective = bounded.mul_(advantages)
+        clipped = (bounded != ratio) & (advantages != 0)  # an A = 0 token has no gradient to clip
+        clipped_per_row = torch.linalg.vecdot(clipped.to(mask.dtype).expand_as(mask), mask)
+        objective = torch.zeros_like(ratio) if coefficients is None else bounded.mul_(coefficients)
         if bonus is not None:
             objective.addcmul_(ratio, bonus)
         loss = -(torch.linalg.vecdot(objective, mask) * scale).sum()
-        ctx.save_for_backward(ratio, clipped, advantages, bonus, mask, scale)
+        ctx.save_for_backward(ratio, clipped, coefficients, bonus, mask, scale)
         ctx.grad_dtype = log_probs.dtype
         ctx.mark_non_differentiable(clipped_per_row)
         return loss, clipped_per_row
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_clipped):
-        ratio, clipped, advantages, bonus, mask, scale = ctx.saved_tensors
-        coefficient = torch.where(clipped, 0.0, advantages)
+        ratio, clipped, coefficients, bonus, mask, scale = ctx.saved_tensors
+        grad = torch.zeros_like(ratio) if coefficients is None else torch.where(clipped, 0.0, coefficients)
         if bonus is not None:
-            coefficient.add_(bonus)
+            grad = grad + bonus
         row_scale = -grad_loss * scale
-        coefficient.mul_(ratio).mul_(mask).mul_(row_scale.unsqueeze(-1) if row_scale.dim() else row_scale)
-        return coefficient.to(ctx.grad_dtype), None, None, None, None, None, None, None, None
+        grad = (grad * ratio).mul_(mask).mul_(row_scale.unsqueeze(-1) if row_scale.dim() else row_scale)
+        return grad.to(ctx.grad_dtype), *([None] * 9)
 
 
 def entropic_policy_loss(
@@ -70,20 +69,23 @@ def entropic_policy_loss(
     dual_clip: float | None = None,
     token_level: bool = True,
     entropy: torch.Tensor | None = None,
+    term_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO loss with EntroPIC coefficients. alpha = 0 is the plain PPO loss.
 
     log_probs [batch, seq] (current policy, with grad), old_log_probs [batch, seq], advantages
     [batch, seq] or [batch], mask [batch, seq] (1 = response token), alpha in [-1, 1].
-    Modes:
+    Modes (w_t = 1 + alpha * sign(A_t) * s_t is a token's weight, s_t in {-1, 0, 1}):
       high_prob:  PPO + alpha * mean over M of (-ratio * |A|), M = tokens with p > threshold,
                   ratio unclipped (the official form).
-      all_tokens: each token's PPO loss times 1 + alpha (A > 0) or 1 - alpha (A < 0).
-      covariance: each token's PPO loss times 1 + alpha * sign(A) * sign(log p + H_t); needs
-                  `entropy` [batch, seq]. A likelier-than-typical token (log p > -H_t) with A > 0,
-                  or a rarer one with A < 0, lowers entropy: those get 1 + alpha.
-    Returns (loss 0-dim, metrics of 0-dim detached tensors: adjusted_fraction, pos_weight_mean,
-    neg_weight_mean, clip_fraction).
+      all_tokens: each token's PPO loss times w_t with s_t = 1.
+      covariance: each token's PPO loss times w_t with s_t = sign(log p + H_t); needs `entropy`
+                  [batch, seq]. A likelier-than-typical token (log p > -H_t) with A > 0, or a
+                  rarer one with A < 0, lowers entropy: those get 1 + alpha.
+    Aggregation: token mean over the batch (token_level) or mean over non-empty sequences of each
+    sequence's token mean. `term_only` returns the EntroPIC term alone, loss(alpha) - loss(0) in one
+    pass (exactly 0 at alpha = 0), for a runtime that adds it to its own PPO loss.
+    Returns (loss 0-dim, metrics: adjusted_fraction and clip_fraction, 0-dim detached tensors).
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
@@ -96,33 +98,27 @@ def entropic_policy_loss(
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = mask.to(torch.float32)
 
-    # Everything that decides the weights is detached and, for per-sequence advantages (GRPO,
-    # RLOO, REINFORCE++), kept at [batch, 1]: the [batch, seq] work stays close to plain PPO's.
+    # Everything that decides the weights is detached. Per-sequence advantages (GRPO, RLOO,
+    # REINFORCE++) stay [batch, 1], so the [batch, seq] work stays close to plain PPO's.
     with torch.no_grad():
         advantages = advantages.detach().float()
         if advantages.dim() == log_probs.dim() - 1:
             advantages = advantages.unsqueeze(-1)
-        per_sequence = advantages.shape[-1] == 1
         lengths = mask.sum(dim=-1, keepdim=True)
-        tokens_per_advantage = lengths if per_sequence else mask
-        # w = 1 + alpha * sign(A) * s, where s in {-1, 0, 1} says which tokens are adjusted and how.
-        # A weight w >= 0 commutes with PPO's min and clip, w * min(rA, clip(r)A) = min(r wA, clip(r) wA),
-        # so all_tokens and covariance are plain PPO on weighted advantages.
-        if mode == "all_tokens":
-            selector = None  # s = 1 on every response token
-            weighted_advantages = torch.add(advantages, advantages.abs(), alpha=alpha)  # A * w
-        elif mode == "covariance":
-            selector = torch.sign(log_probs.detach().float() + entropy.detach().float()) * mask
-            weighted_advantages = torch.addcmul(advantages, advantages.abs(), selector, value=alpha)
-        else:
-            selector = (log_probs.detach() > math.log(high_prob_threshold)) * mask
-            weighted_advantages = advantages
-
-        # Token mean over the batch, or mean over non-empty sequences of each sequence's token mean.
         if token_level:
             scale = 1.0 / lengths.sum().clamp(min=1.0)
         else:
             scale = 1.0 / (lengths[:, 0].clamp(min=1.0) * (lengths > 0).sum().clamp(min=1))
+
+        # s: which tokens are adjusted, and in which direction.
+        if mode == "all_tokens":
+            selector = torch.ones_like(advantages)
+        elif mode == "covariance":
+            selector = torch.sign(log_probs.detach().float() + entropy.detach().float()) * mask
+        else:
+            selector = (log_probs.detach() > math.log(high_prob_threshold)).float() * mask
+
+        coefficients = None if term_only else advantages
         bonus = None
         if mode == "high_prob":
             # alpha * mean over M of (-ratio * |A|), folded into the objective with the factor that
@@ -135,31 +131,20 @@ def entropic_policy_loss(
                     (lengths > 0).sum() / (high_per_sequence > 0).sum().clamp(min=1)
                 )
             bonus = (alpha * rescale) * advantages.abs() * selector
-    loss, clipped_per_row = _ClippedSurrogateLoss.apply(
-        log_probs, old_log_probs, weighted_advantages, bonus, mask, scale, clip_eps_low, clip_eps_high, dual_clip
-    )
+        else:
+            # w >= 0 commutes with PPO's min and clip: w * min(rA, clip(r)A) = bounded(r) * (A + alpha * s * |A|),
+            # with the clip side still chosen by sign(A).
+            adjustment = alpha * advantages.abs() * selector
+            coefficients = adjustment if term_only else advantages + adjustment
 
+    loss, clipped_per_row = _ClippedSurrogateLoss.apply(
+        log_probs, old_log_probs, advantages, coefficients, bonus, mask, scale, clip_eps_low, clip_eps_high, dual_clip
+    )
     with torch.no_grad():
         num_tokens = lengths.sum().clamp(min=1.0)
-        # Per-token quantities summed to [batch, 1] where the advantages are per sequence.
-        if selector is None:
-            selected = adjusted = tokens_per_advantage
-        elif mode == "high_prob":  # selector is 0/1: its sum is also the adjusted count
-            selected = adjusted = high_per_sequence if per_sequence else selector
-        elif per_sequence:
-            selected = selector.sum(dim=-1, keepdim=True)
-            adjusted = torch.count_nonzero(selector, dim=-1).unsqueeze(-1)
-        else:
-            selected, adjusted = selector, selector != 0
-        positive, negative = advantages > 0, advantages < 0
-        positive_tokens = (positive * tokens_per_advantage).sum()
-        negative_tokens = (negative * tokens_per_advantage).sum()
-        nan = torch.tensor(float("nan"))
+        adjusted = ((advantages != 0) & (selector != 0)).float().expand_as(mask)
         metrics = {
-            "adjusted_fraction": ((advantages != 0) * adjusted).sum() / num_tokens,
-            # NaN, not 0, when a batch has no positive (or negative) token: the mean is undefined.
-            "pos_weight_mean": 1 + alpha * (positive * selected).sum() / positive_tokens if positive_tokens else nan,
-            "neg_weight_mean": 1 - alpha * (negative * selected).sum() / negative_tokens if negative_tokens else nan,
+            "adjusted_fraction": torch.linalg.vecdot(adjusted, mask).sum() / num_tokens,
             "clip_fraction": clipped_per_row.sum() / num_tokens,
         }
     return loss, metrics

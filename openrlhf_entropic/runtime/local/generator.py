@@ -1,4 +1,4 @@
-"""Generator actors: sample responses with Hugging Face `generate` and record behavior log-probs.
+"""Generator actors: sample responses, score them, and turn rewards into group advantages.
 
 Behavior log-probs are those of the distribution the tokens were actually drawn from:
 `generate`'s processed scores, i.e. the logits after temperature *and* top-p. The learner's
@@ -10,21 +10,57 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
-from openrlhf_entropic.tasks.advantages import compute_advantages
+from openrlhf_entropic.runtime.local.buffer import Sample
+from openrlhf_entropic.runtime.local.config import RunConfig
+
+ADVANTAGES = ("grpo", "reinforce_baseline", "rloo")
+
+
+def compute_advantages(groups: list[list[float]], kind: str = "grpo", eps: float = 1e-6) -> list[list[float]]:
+    """Outcome advantages shaped like `groups` (per-prompt reward lists; groups may differ in size).
+
+    grpo: (r - group mean) / (group std + eps). rloo: r minus the mean of the other samples.
+    reinforce_baseline: r - group mean, then divided by the std of those values over the whole batch.
+    A group whose rewards are all equal says nothing about which answer is better: it gets 0
+    (GRPO's std would be 0). Rewards must be finite (drop NaN samples before calling).
+    """
+    if kind not in ADVANTAGES:
+        raise ValueError(f"--advantage must be one of {ADVANTAGES}, got {kind!r}")
+    if any(not math.isfinite(r) for group in groups for r in group):
+        raise ValueError("compute_advantages: rewards must be finite; drop NaN/inf samples first")
+    result = []
+    for rewards in groups:
+        n = len(rewards)
+        mean = sum(rewards) / n if n else 0.0
+        if n < 2 or max(rewards) == min(rewards):
+            result.append([0.0] * n)
+        elif kind == "grpo":
+            std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+            result.append([(r - mean) / (std + eps) for r in rewards])
+        elif kind == "rloo":
+            result.append([r - (mean * n - r) / (n - 1) for r in rewards])
+        else:
+            result.append([r - mean for r in rewards])
+    if kind == "reinforce_baseline":
+        flat = [a for group in result for a in group]
+        if len(flat) > 1:
+            batch_mean = sum(flat) / len(flat)
+            std = math.sqrt(sum((a - batch_mean) ** 2 for a in flat) / (len(flat) - 1))
+            result = [[a / (std + eps) for a in group] for group in result]
+    return result
 
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, rows: list[dict], n_samples: int, temperature: float, top_p: float,
-                     max_new_tokens: int) -> list[dict]:
-    """Draw `n_samples` responses for each row {"prompt", "label"}; return one dict per sample.
+                     max_new_tokens: int) -> list[Sample]:
+    """Draw `n_samples` responses for each row {"prompt", "label"}, grouped: row 0's n samples first.
 
-    Each dict holds prompt_ids and response_ids (lists of ints; the response ends at its first EOS,
-    inclusive), behavior_log_probs (one float per response token), text (prompt + response, the
-    reward function's `query`), prompt, label and group (index of its row). Samples come grouped:
-    row 0's n samples first.
+    Each response ends at its first EOS, inclusive; `group` is the index of its row. Reward,
+    advantage and version are left for the caller.
     """
     encoded = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True).to(model.device)
     output = model.generate(
@@ -43,25 +79,43 @@ def sample_responses(model, tokenizer, rows: list[dict], n_samples: int, tempera
         tokens = responses[index].tolist()
         length = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
         row = rows[index // n_samples]
-        samples.append({
-            "prompt_ids": prompt_ids[index][prompt_mask[index]].tolist(),
-            "response_ids": tokens[:length],
-            "behavior_log_probs": log_probs[index, :length].tolist(),
-            "text": row["prompt"] + " " + tokenizer.decode(tokens[:length], skip_special_tokens=False),
-            "prompt": row["prompt"],
-            "label": row["label"],
-            "group": index // n_samples,
-        })
+        samples.append(Sample(
+            prompt_ids=prompt_ids[index][prompt_mask[index]].tolist(),
+            response_ids=tokens[:length],
+            behavior_log_probs=log_probs[index, :length].tolist(),
+            text=row["prompt"] + " " + tokenizer.decode(tokens[:length], skip_special_tokens=False),
+            prompt=row["prompt"],
+            label=row["label"],
+            group=index // n_samples,
+        ))
     return samples
 
 
-def score_samples(samples: list[dict], reward_fn) -> list[float]:
+def score_samples(samples: list[Sample], reward_fn) -> list[float]:
     """Rewards from `reward_fn(queries, prompts, labels)` as floats, one per sample (NaN kept)."""
-    rewards = reward_fn([s["text"] for s in samples], [s["prompt"] for s in samples], [s["label"] for s in samples])
+    rewards = reward_fn([s.text for s in samples], [s.prompt for s in samples], [s.label for s in samples])
     rewards = [float(r) for r in (rewards.tolist() if isinstance(rewards, torch.Tensor) else rewards)]
     if len(rewards) != len(samples):
         raise ValueError(f"reward function returned {len(rewards)} rewards for {len(samples)} samples")
     return rewards
+
+
+@dataclass
+class Job:
+    """A unit of generation: prompt rows to sample, under a uid that follows its samples to training."""
+
+    uid: int
+    rows: list[dict]
+
+
+@dataclass
+class Rollout:
+    """What a generator returns for a job: the kept samples and what was dropped on the way."""
+
+    uid: int
+    samples: list[Sample]
+    dropped_nan: int  # samples whose reward was NaN/inf: never trained on
+    seconds: float  # time inside generate
 
 
 class Generator:
@@ -71,13 +125,13 @@ class Generator:
     `generate` is always applied first: that is what makes on-policy (K = 0) exact.
     """
 
-    def __init__(self, model_factory, reward_fn, sampling: dict, seed: int):
+    def __init__(self, model_factory, reward_fn, run: RunConfig, seed: int):
         torch.set_num_threads(1)
         torch.manual_seed(seed)
         self.model, self.tokenizer = model_factory()
         self.model.eval()
         self.reward_fn = reward_fn
-        self.sampling = sampling  # n_samples, temperature, top_p, max_new_tokens, advantage
+        self.run = run
         self.version = 0
 
     def load_weights(self, state_dict: dict, version: int) -> int:
@@ -86,25 +140,20 @@ class Generator:
         self.version = version
         return version
 
-    def generate(self, job: dict) -> dict:
-        """Sample the job's prompt rows and return {"uid", "samples", "dropped_nan", "seconds"}.
-
-        Each sample gets reward, advantage (within its prompt group), version and job uid. A sample
-        whose reward is NaN/inf is dropped here and counted in `dropped_nan`; never trained on.
-        """
-        cfg = self.sampling
+    def generate(self, job: Job) -> Rollout:
+        """Sample the job's prompt rows; each kept sample gets reward, advantage (within its group), version, uid."""
+        run = self.run
         started = time.perf_counter()
-        samples = sample_responses(self.model, self.tokenizer, job["rows"], cfg["n_samples"], cfg["temperature"],
-                                   cfg["top_p"], cfg["max_new_tokens"])
+        samples = sample_responses(self.model, self.tokenizer, job.rows, run.n_samples_per_prompt, run.temperature,
+                                   run.top_p, run.generate_max_len)
         rewards = score_samples(samples, self.reward_fn)
         kept = [(s, r) for s, r in zip(samples, rewards, strict=True) if math.isfinite(r)]
-        groups = [[r for s, r in kept if s["group"] == g] for g in range(len(job["rows"]))]
-        advantages = compute_advantages(groups, cfg["advantage"])
-        flat_advantages = [a for group in advantages for a in group]  # `kept` is in group order too
-        for (sample, reward), advantage in zip(kept, flat_advantages, strict=True):
-            sample.update(reward=reward, advantage=advantage, version=self.version, uid=job["uid"])
-        return {"uid": job["uid"], "samples": [s for s, _ in kept], "dropped_nan": len(samples) - len(kept),
-                "seconds": time.perf_counter() - started}
+        groups = [[r for s, r in kept if s.group == g] for g in range(len(job.rows))]
+        advantages = [a for group in compute_advantages(groups, run.advantage) for a in group]  # `kept` is grouped too
+        for (sample, reward), advantage in zip(kept, advantages, strict=True):
+            sample.reward, sample.advantage, sample.version, sample.uid = reward, advantage, self.version, job.uid
+        return Rollout(uid=job.uid, samples=[s for s, _ in kept], dropped_nan=len(samples) - len(kept),
+                       seconds=time.perf_counter() - started)
 
     def get_rng_state(self) -> torch.Tensor:
         """Torch RNG state [bytes] (uint8), saved in checkpoints so a resumed run samples the same."""

@@ -1,10 +1,9 @@
-"""Learner actors: DeepSpeed ZeRO-2 data-parallel training with the EntroPIC controller and loss.
+"""Learner actors: DeepSpeed ZeRO-2 data-parallel training with the EntroPIC step and loss.
 
 Each of `--num-learners` Ray actors is one data-parallel rank (gloo on CPU, NCCL on GPU). Per
-optimizer step a rank measures the current policy's entropy on its share of the mini-batch (the
-importance-weighted estimate when samples are stale), the controller averages it over ranks
-(token-weighted) so every rank uses the same alpha, then the clipped PPO loss with EntroPIC
-coefficients is back-propagated. Old log-probs in the PPO ratio are the behavior log-probs.
+optimizer step the `EntroPICStep` measures the current policy's entropy on the mini-batch and sets
+alpha, identical on every rank; then the clipped PPO loss with EntroPIC coefficients is
+back-propagated. Old log-probs in the PPO ratio are the behavior log-probs.
 """
 
 from __future__ import annotations
@@ -17,34 +16,37 @@ import torch
 
 from openrlhf_entropic.entropic import (
     EntroPICConfig,
-    EntroPICController,
+    EntroPICStep,
+    Metric,
     all_reduce_sum,
     entropic_policy_loss,
     entropy_from_logits,
-    importance_weighted_entropy,
     masked_mean,
 )
+from openrlhf_entropic.reporting.metrics import RunMetric
+from openrlhf_entropic.runtime.local.buffer import Sample
+from openrlhf_entropic.runtime.local.config import RunConfig
 from openrlhf_entropic.runtime.local.generator import sample_responses
 
 
-def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad prompt + response into tensors aligned with next-token positions.
 
     Returns input_ids, attention_mask [batch, seq]; mask, behavior_log_probs [batch, seq - 1]
     (position j scores token j + 1; mask is 1 on response tokens); advantages [batch].
     """
-    width = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples)
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
     mask = torch.zeros(len(samples), width - 1)
     behavior = torch.zeros(len(samples), width - 1)
     for row, sample in enumerate(samples):
-        prompt_len, response_len = len(sample["prompt_ids"]), len(sample["response_ids"])
-        input_ids[row, : prompt_len + response_len] = torch.tensor(sample["prompt_ids"] + sample["response_ids"])
+        prompt_len, response_len = len(sample.prompt_ids), len(sample.response_ids)
+        input_ids[row, : prompt_len + response_len] = torch.tensor(sample.prompt_ids + sample.response_ids)
         attention_mask[row, : prompt_len + response_len] = 1
         mask[row, prompt_len - 1 : prompt_len - 1 + response_len] = 1
-        behavior[row, prompt_len - 1 : prompt_len - 1 + response_len] = torch.tensor(sample["behavior_log_probs"])
-    advantages = torch.tensor([float(s.get("advantage", 0.0)) for s in samples])
+        behavior[row, prompt_len - 1 : prompt_len - 1 + response_len] = torch.tensor(sample.behavior_log_probs)
+    advantages = torch.tensor([float(s.advantage) for s in samples])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask,
             "behavior_log_probs": behavior, "advantages": advantages}
 
@@ -66,10 +68,10 @@ def _rows(batch: dict, index: slice) -> dict:
 
 
 class Learner:
-    """One data-parallel rank: a DeepSpeed engine, the controller, and the train/eval/checkpoint methods."""
+    """One data-parallel rank: a DeepSpeed engine, the EntroPIC step, and the train/eval/checkpoint methods."""
 
-    def __init__(self, rank: int, world_size: int, master_port: int, model_factory, settings: dict,
-                 entropic: dict, seed: int):
+    def __init__(self, rank: int, world_size: int, master_port: int, model_factory, run: RunConfig,
+                 entropic: EntroPICConfig, seed: int):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(master_port))
         if not torch.cuda.is_available():
@@ -80,89 +82,80 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         torch.manual_seed(seed + rank)
         model, self.tokenizer = model_factory()
-        self.settings = settings  # temperature, lr, micro_batch, mini_batch, max_epochs, clip_eps, ...
-        self.entropic = EntroPICConfig(**entropic)
+        self.run, self.config = run, entropic
         self.rank, self.world_size = rank, world_size
-        micro, mini = settings["micro_train_batch_size"], settings["train_batch_size"]
+        micro, mini = run.micro_train_batch_size, run.train_batch_size
         ds_config = {
             "train_batch_size": mini,
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": mini // (micro * world_size),
-            "gradient_clipping": settings["max_norm"],
+            "gradient_clipping": run.max_norm,
             "zero_optimization": {"stage": 2},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["actor_learning_rate"], weight_decay=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=run.actor_learning_rate, weight_decay=0.0)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        self.controller = EntroPICController.from_config(self.entropic, reduce_fn=all_reduce_sum)
+        self.entropic = EntroPICStep(entropic, reduce_fn=all_reduce_sum)
         self.version = 0
 
-    def _estimate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(plain token mean, estimate the controller sees, ESS) of the current policy's entropy; no grad."""
-        cfg, micro = self.entropic, self.settings["micro_train_batch_size"]
+    def _measure(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_probs, entropy), both [batch, seq - 1], of the current policy over `batch`, micro-batch by micro-batch; no grad."""
+        micro = self.run.micro_train_batch_size
         with torch.no_grad():
-            parts = [policy_outputs(self.engine, _rows(batch, slice(i, i + micro)), self.settings["temperature"],
-                                    cfg.entropy_chunk_size) for i in range(0, len(batch["advantages"]), micro)]
+            parts = [policy_outputs(self.engine, _rows(batch, slice(i, i + micro)), self.run.temperature,
+                                    self.run.entropy_chunk_size) for i in range(0, len(batch["advantages"]), micro)]
         log_probs, entropy = (torch.cat(tensors) for tensors in zip(*parts, strict=True))
-        plain = masked_mean(entropy, batch["mask"])
-        if cfg.estimator == "on_policy":
-            return plain, plain, batch["mask"].sum()
-        estimate, ess = importance_weighted_entropy(entropy, log_probs, batch["behavior_log_probs"], batch["mask"],
-                                                    log_clip=cfg.iw_log_clip, min_ess_fraction=cfg.min_ess_fraction,
-                                                    level=cfg.iw_level)
-        return plain, estimate, ess
+        return log_probs, entropy
 
-    def train_step(self, samples: list[dict]) -> dict:
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
         """Train on this rank's share of one rollout batch (PPO epochs x mini-batches); returns metrics.
 
-        The controller is updated once per optimizer step. Metrics are averaged over ranks
-        (entropies token-weighted), so rank 0's dict speaks for all.
+        The EntroPIC step runs once per optimizer step. Metrics are averaged over optimizer steps and
+        ranks (entropies token-weighted), keyed by `Metric` names, so rank 0's dict speaks for all.
         """
-        cfg, settings = self.entropic, self.settings
+        run, config = self.run, self.config
         started = time.perf_counter()
         batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
-        micro = settings["micro_train_batch_size"]
-        local_mini = settings["train_batch_size"] // self.world_size
-        totals = torch.zeros(8, dtype=torch.float64)  # sums of: H*n, H_iw*n, n, ess, loss, clip, adjusted, updates
-        for _ in range(settings["max_epochs"]):
+        micro = run.micro_train_batch_size
+        local_mini = run.train_batch_size // self.world_size
+        measured = torch.zeros(4, dtype=torch.float64)  # over all ranks: sums of H * n, H_iw * n, ESS, n
+        trained = torch.zeros(3, dtype=torch.float64)  # on this rank: sums of loss, clip and adjusted fractions
+        updates = 0
+        for _ in range(run.max_epochs):
             for start in range(0, len(samples), local_mini):
                 mini = _rows(batch, slice(start, start + local_mini))
-                plain, estimate, ess = self._estimate(mini)
-                tokens = mini["mask"].sum()
-                alpha = self.controller.update(estimate, weight=tokens) if cfg.enable else 0.0
+                log_probs, entropy = self._measure(mini)
+                alpha = self.entropic.update(entropy, log_probs, mini["behavior_log_probs"], mini["mask"])
+                step = self.entropic
+                measured += torch.tensor([step.entropy * step.tokens, step.estimate * step.tokens, step.ess,
+                                          step.tokens], dtype=torch.float64)
+                updates += 1
                 for i in range(0, local_mini, micro):
                     part = _rows(mini, slice(i, i + micro))
-                    log_probs, entropy = policy_outputs(self.engine, part, settings["temperature"],
-                                                        cfg.entropy_chunk_size)
+                    log_probs, entropy = policy_outputs(self.engine, part, run.temperature, run.entropy_chunk_size)
                     loss, loss_metrics = entropic_policy_loss(
                         log_probs, part["behavior_log_probs"], part["advantages"], part["mask"], alpha,
-                        mode=cfg.mode, high_prob_threshold=cfg.high_prob_threshold,
-                        clip_eps_low=settings["eps_clip"], clip_eps_high=settings["eps_clip"], entropy=entropy)
+                        mode=config.mode, high_prob_threshold=config.high_prob_threshold,
+                        clip_eps_low=run.eps_clip, clip_eps_high=run.eps_clip, entropy=entropy)
                     self.engine.backward(loss)
                     self.engine.step()
-                    share = micro / local_mini
-                    totals[4:7] += torch.tensor([float(loss.detach()), float(loss_metrics["clip_fraction"]),
-                                                 float(loss_metrics["adjusted_fraction"])]) * share
-                totals[:4] += torch.tensor([float(plain * tokens), float(estimate * tokens), float(tokens), float(ess)])
-                totals[7] += 1
-        totals = all_reduce_sum(totals)
+                    trained += torch.tensor([float(loss.detach()), float(loss_metrics["clip_fraction"]),
+                                             float(loss_metrics["adjusted_fraction"])], dtype=torch.float64) * (
+                        micro / local_mini)
+        trained = all_reduce_sum(trained) / (updates * self.world_size)
         self.version += 1
-        ranks_updates = float(totals[7])  # updates summed over ranks
+        controller = self.entropic.metrics()
         return {
-            "entropy": float(totals[0] / totals[2]),
-            "entropy_iw": float(totals[1] / totals[2]),
-            "ess_fraction": float(totals[3] / totals[2]),
-            "policy_loss": float(totals[4] / ranks_updates),
-            "clip_fraction": float(totals[5] / ranks_updates),
-            "adjusted_fraction": float(totals[6] / ranks_updates),
-            "alpha": self.controller.alpha if cfg.enable else 0.0,
-            "p_term": self.controller.p_term if cfg.enable else 0.0,
-            "i_term": self.controller.i_term if cfg.enable else 0.0,
-            "target_entropy": self.controller.target,
-            "nonfinite_skipped": self.controller.nonfinite_skipped,
-            "version": self.version,
-            "train_seconds": time.perf_counter() - started,
+            Metric.ENTROPY: float(measured[0] / measured[3]),
+            Metric.ENTROPY_IW: float(measured[1] / measured[3]),
+            Metric.ESS_FRACTION: float(measured[2] / measured[3]),
+            Metric.POLICY_LOSS: float(trained[0]),
+            Metric.CLIP_FRACTION: float(trained[1]),
+            Metric.ADJUSTED_FRACTION: float(trained[2]),
+            **{name: controller[name] for name in (Metric.ALPHA, Metric.P_TERM, Metric.I_TERM, Metric.ENTROPY_TARGET,
+                                                   Metric.NONFINITE_SKIPPED)},
+            RunMetric.TRAIN_SECONDS: time.perf_counter() - started,
         }
 
     def get_weights(self) -> dict[str, torch.Tensor]:
@@ -170,23 +163,24 @@ class Learner:
         return {name: tensor.detach().cpu().clone() for name, tensor in self.engine.module.state_dict().items()}
 
     @torch.no_grad()
-    def evaluate(self, rows: list[dict], correct_fn, n_samples: int, k: int, sampling: dict) -> dict:
-        """Fresh samples of `rows` from the current weights: true entropy, pass@1 and pass@k.
+    def evaluate(self, rows: list[dict], correct_fn) -> dict[str, float]:
+        """Fresh samples of `rows` from the current weights: true entropy, pass@1 and pass@k (RunMetric keys).
 
         The true entropy is the plain token mean of the current policy's entropy on its own samples.
         `correct_fn(queries, prompts, labels) -> list[bool]` judges each sample.
         """
         from openrlhf_entropic.tasks.data import pass_at_k
 
-        samples = sample_responses(self.engine.module, self.tokenizer, rows, n_samples, sampling["temperature"],
-                                   sampling["top_p"], sampling["max_new_tokens"])
-        verdicts = correct_fn([s["text"] for s in samples], [s["prompt"] for s in samples],
-                              [s["label"] for s in samples])
+        run, n = self.run, self.run.eval_n_samples
+        samples = sample_responses(self.engine.module, self.tokenizer, rows, n, run.temperature, run.top_p,
+                                   run.generate_max_len)
+        verdicts = correct_fn([s.text for s in samples], [s.prompt for s in samples], [s.label for s in samples])
         batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
-        _, entropy = policy_outputs(self.engine.module, batch, sampling["temperature"], self.entropic.entropy_chunk_size)
-        correct = [[bool(verdicts[g * n_samples + j]) for j in range(n_samples)] for g in range(len(rows))]
-        return {"entropy_true": float(masked_mean(entropy, batch["mask"])),
-                "pass_at_1": pass_at_k(correct, 1), "pass_at_k": pass_at_k(correct, k)}
+        _, entropy = policy_outputs(self.engine.module, batch, run.temperature, run.entropy_chunk_size)
+        correct = [[bool(verdicts[g * n + j]) for j in range(n)] for g in range(len(rows))]
+        return {RunMetric.EVAL_ENTROPY_TRUE: float(masked_mean(entropy, batch["mask"])),
+                RunMetric.EVAL_PASS_AT_1: pass_at_k(correct, 1), RunMetric.EVAL_PASS_AT_K: pass_at_k(correct, run.eval_k),
+                RunMetric.EVAL_K: run.eval_k}
 
     def save(self, directory: str) -> dict:
         """Write this rank's part of a checkpoint; returns the controller state (plain data).
@@ -203,7 +197,7 @@ class Learner:
             save_file(weights, str(path / "model.safetensors"))
         torch.save({"optimizer": self.engine.optimizer.optimizer.state_dict(), "rng": torch.get_rng_state()},
                    path / f"optim_rank{self.rank}.pt")
-        return {"controller": self.controller.state_dict(), "version": self.version}
+        return {"controller": self.entropic.state_dict(), "version": self.version}
 
     def load(self, directory: str, state: dict) -> None:
         """Restore weights, optimizer partition, RNG, controller and version written by `save`."""
@@ -215,5 +209,5 @@ class Learner:
         saved = torch.load(path / f"optim_rank{self.rank}.pt", weights_only=True)
         self.engine.optimizer.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
-        self.controller.load_state_dict(state["controller"])
+        self.entropic.load_state_dict(state["controller"])
         self.version = state["version"]

@@ -1,27 +1,46 @@
 """Cluster runtime: EntroPIC inside OpenRLHF 0.11.2's own Ray trainer, synchronous and async.
 
-How it hooks in, without copying OpenRLHF code: OpenRLHF looks its classes up by name at the
-moment it builds them (`RayActorGroup(..., PolicyModelActor)` in `cli/train_ppo_ray.train`,
-`ActorPPOTrainer(...)` in `PolicyModelActor.init_model_from_pretrained`, `GenerateSamplesActor.remote(...)`
-in `PPOTrainerAsync.__init__`). We subclass those classes and, in the process that builds them and
-only for that call, put our subclass under OpenRLHF's name (`swap_names`). Everything else is
-OpenRLHF's code running unchanged.
-
-- `actor.py`: the EntroPIC actor (entropy measurement, controller, loss, checkpoints, metrics).
-- `async_trainer.py`: weight-version tagging of rollouts, staleness metrics and dropping.
-
-This `__init__` imports nothing from openrlhf, vllm or flash_attn, so CPU code (the CLI's --help)
-can import the package; the two modules above import openrlhf and run where it is installed.
+We subclass the OpenRLHF classes that need a change and put ours under OpenRLHF's names only while
+OpenRLHF builds them (`swap_names`), so the rest is OpenRLHF's code unchanged; docs/cluster.md has
+the map. This `__init__` imports nothing of openrlhf, vllm or flash_attn, so CPU code can import it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-# Set by the CLI on `args.entropic` when it asked vLLM for log-probs only for the entropy estimate;
-# the actor's policy loss then keeps the user's `--algo.advantage.is_correction_level off`.
-ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY = "rollout_log_probs_for_estimate_only"
+from openrlhf_entropic.entropic.config import dataclass_from_args
+
+
+@dataclass
+class ClusterConfig:
+    """The cluster runtime's settings beside EntroPICConfig; the flags are spelled `--entropic.<field>`.
+
+    The launcher puts both on `args.entropic`, which OpenRLHF hands to every Ray actor.
+    """
+
+    max_staleness: int | None = field(default=None, metadata={
+        "help": "Drop samples more than this many policy versions old (async only); None keeps all.",
+        "metavar": "K"})
+    entropy_chunk_size: int = field(default=256, metadata={
+        "help": "Token rows per chunk when computing entropy from logits."})
+    # Set by the launcher, not a flag: it asked vLLM for sampling log-probs only for the entropy
+    # estimate, so the actor's policy loss keeps the user's `--algo.advantage.is_correction_level off`.
+    rollout_log_probs_for_estimate_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"--entropic.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.entropy_chunk_size < 1:
+            raise ValueError(f"--entropic.entropy_chunk_size must be >= 1, got {self.entropy_chunk_size}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClusterConfig:
+        """From our parser's flat `entropic.<field>` names, or OpenRLHF's nested `args.entropic`."""
+        return dataclass_from_args(cls, args, "entropic")
 
 
 @contextlib.contextmanager

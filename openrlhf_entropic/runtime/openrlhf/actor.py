@@ -1,24 +1,11 @@
-"""The EntroPIC policy actor for OpenRLHF 0.11.2: subclasses of `ActorPPOTrainer` and `PolicyModelActor`.
+"""The EntroPIC policy actor for OpenRLHF 0.11.2: OpenRLHF's training step, plus the EntroPIC step and term.
 
-Per micro-batch, OpenRLHF's `training_step` runs the actor forward, calls `actor_loss_fn`, and
-steps DeepSpeed. We change two things and reuse the rest:
-- `actor_loss_fn` becomes `EntroPICPolicyLoss`: OpenRLHF's own `PolicyLoss` (clipping, IS
-  correction, global token normalization: all unchanged) plus EntroPIC's term for the chosen mode.
-- a forward hook on OpenRLHF's `Actor` keeps `output.entropy`, the full-vocabulary entropy of the
-  temperature-scaled policy that OpenRLHF computes when `--actor.entropy_coef` is set (our CLI sets
-  it to 0, OpenRLHF's "log only" value, when the user left it unset).
-
-The controller is updated once per optimizer step, on the first micro-batch of each gradient-
-accumulation window, before that micro-batch's loss is built: its entropy estimate is token-weighted
-and all-reduced over the actor ranks, so every rank applies the same alpha to the whole window.
-
-Imports openrlhf at top level: import this module only where openrlhf is importable (the Ray
-workers, or CPU tests that register the vllm/flash_attn stand-ins first).
+OpenRLHF's `PolicyLoss` stays the loss (clipping, IS correction, normalization); we add the EntroPIC
+term and update the controller once per optimizer step from the entropy OpenRLHF's actor forward
+already computes. Imports openrlhf: only Ray workers and the CPU tests import this module.
 """
 
 from __future__ import annotations
-
-import math
 
 import ray
 import torch
@@ -26,15 +13,14 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from openrlhf_entropic.entropic import (
     EntroPICConfig,
-    EntroPICController,
+    EntroPICStep,
     Metric,
     all_reduce_sum,
     entropic_policy_loss,
-    importance_weighted_entropy,
     masked_mean,
 )
 
-from . import ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, swap_names
+from . import ClusterConfig, swap_names
 
 # Key of the controller state inside OpenRLHF's checkpoint `client_states`.
 CONTROLLER_STATE_KEY = "entropic_controller"
@@ -43,20 +29,18 @@ CONTROLLER_STATE_KEY = "entropic_controller"
 class EntroPICPolicyLoss:
     """OpenRLHF's `PolicyLoss` plus EntroPIC's term; called exactly like `PolicyLoss.forward`.
 
-    The term is `entropic_policy_loss(alpha) - entropic_policy_loss(0)` on the same tensors, so it is
-    exactly 0 at alpha = 0, and for `high_prob` it is the official `alpha * mean_M(-ratio * |A|)`.
-    The term is a token mean over this micro-batch; OpenRLHF's base loss keeps its own normalization.
+    The term is `entropic_policy_loss(..., term_only=True)` on the same tensors: exactly 0 at alpha = 0, and for `high_prob` the
+    official `alpha * mean_M(-ratio * |A|)`. It is a token mean over this micro-batch; OpenRLHF's base
+    loss keeps its own normalization.
     """
 
     def __init__(self, base_loss: torch.nn.Module, config: EntroPICConfig) -> None:
         self.base_loss = base_loss
         self.config = config
         # all_reduce_sum is the identity when torch.distributed is not initialized.
-        self.controller = EntroPICController.from_config(config, reduce_fn=all_reduce_sum)
+        self.entropic = EntroPICStep(config, reduce_fn=all_reduce_sum)
         self.update_before_next_loss = False  # set by the trainer on the first micro-batch of a step
         self.forward_entropy: torch.Tensor | None = None  # [batch, seq - 1] from the last training forward
-        self.ess = math.nan  # effective sample size of the last controller update, summed over ranks
-        self.ess_fraction = math.nan  # ... divided by the tokens it was measured on
         self.metrics: dict[str, tuple[float | torch.Tensor, str | None]] = {}
 
     def keep_entropy(self, module, inputs, result) -> None:
@@ -94,11 +78,15 @@ class EntroPICPolicyLoss:
             # Behavior policy: vLLM's sampling log-probs when present, else the make-experience ones
             # (the same weights that generated the samples when training is synchronous).
             behavior_log_probs = rollout_log_probs if rollout_log_probs is not None else old_log_probs
-            self._update_controller(entropy, log_probs, behavior_log_probs, mask)
+            self.entropic.update(entropy, log_probs, behavior_log_probs, mask)
             self.update_before_next_loss = False
 
-        alpha = self.controller.alpha
-        shared = dict(
+        term, loss_metrics = entropic_policy_loss(
+            log_probs,
+            old_log_probs,
+            advantages,
+            mask,
+            self.entropic.alpha,
             mode=self.config.mode,
             high_prob_threshold=self.config.high_prob_threshold,
             clip_eps_low=self.base_loss.clip_eps_low,
@@ -106,49 +94,13 @@ class EntroPICPolicyLoss:
             dual_clip=self.base_loss.dual_clip,
             token_level=self.base_loss.token_level_loss,
             entropy=entropy,
+            term_only=True,
         )
-        with_alpha, loss_metrics = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, alpha, **shared)
-        without_alpha, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, mask, 0.0, **shared)
-        self._record_metrics(entropy, mask, loss_metrics["adjusted_fraction"])
-        return (base_loss + (with_alpha - without_alpha), *rest)
-
-    def _update_controller(self, entropy, log_probs, behavior_log_probs, mask) -> None:
-        """One controller step from this micro-batch on every rank, all tensors [batch, response]."""
-        tokens = mask.sum()
-        if self.config.estimator == "importance_weighted":
-            estimate, ess = importance_weighted_entropy(
-                entropy,
-                log_probs,
-                behavior_log_probs,
-                mask,
-                log_clip=self.config.iw_log_clip,
-                min_ess_fraction=self.config.min_ess_fraction,
-                level=self.config.iw_level,
-            )
-        else:
-            estimate, ess = masked_mean(entropy, mask), tokens
-        self.controller.update(estimate, weight=tokens)
-        totals = all_reduce_sum(torch.stack([ess.detach(), tokens]).to(torch.float64).cpu())
-        self.ess = float(totals[0])
-        self.ess_fraction = float(totals[0] / totals[1]) if float(totals[1]) > 0 else math.nan
-
-    def _record_metrics(self, entropy, mask, adjusted_fraction) -> None:
-        """Metrics for OpenRLHF's status, as (value, weight): "token" = token mean over ranks, None = as is."""
-        controller = self.controller
-        self.metrics = {
-            Metric.ALPHA: (controller.alpha, None),
-            Metric.ENTROPY_TARGET: (controller.target, None),
-            Metric.P_TERM: (controller.p_term, None),
-            Metric.I_TERM: (controller.i_term, None),
-            Metric.NONFINITE_SKIPPED: (float(controller.nonfinite_skipped), None),
-            Metric.ENTROPY: (masked_mean(entropy, mask), "token"),
-            Metric.ADJUSTED_FRACTION: (adjusted_fraction, "token"),
-        }
-        if self.config.estimator == "importance_weighted":
-            # What the controller measured at its last update (identical on every rank).
-            self.metrics[Metric.ENTROPY_IW] = (controller.last_entropy, None)
-            self.metrics[Metric.ESS] = (self.ess, None)
-            self.metrics[Metric.ESS_FRACTION] = (self.ess_fraction, None)
+        # For OpenRLHF's status, as (value, weight): "token" = token mean over ranks, None = as is.
+        self.metrics = {name: (value, None) for name, value in self.entropic.metrics().items()}
+        self.metrics[Metric.ENTROPY] = (masked_mean(entropy, mask), "token")
+        self.metrics[Metric.ADJUSTED_FRACTION] = (loss_metrics["adjusted_fraction"], "token")
+        return (base_loss + term, *rest)
 
 
 class EntroPICActorPPOTrainer(ActorPPOTrainer):
@@ -157,6 +109,7 @@ class EntroPICActorPPOTrainer(ActorPPOTrainer):
     def __init__(self, strategy, *args, **kwargs) -> None:
         super().__init__(strategy, *args, **kwargs)
         self.entropic_config = EntroPICConfig.from_args(self.args)
+        cluster = ClusterConfig.from_args(self.args)
         self.entropic_loss: EntroPICPolicyLoss | None = None
         if not self.entropic_config.enable:
             return
@@ -165,7 +118,7 @@ class EntroPICActorPPOTrainer(ActorPPOTrainer):
                 "EntroPIC needs the actor forward's entropy: set --actor.entropy_coef (0 = log only), "
                 "or launch with python -m openrlhf_entropic.cli.train_ppo_ray, which does that for you."
             )
-        if getattr(self.args.entropic, ROLLOUT_LOG_PROBS_FOR_ESTIMATE_ONLY, False):
+        if cluster.rollout_log_probs_for_estimate_only:
             self.actor_loss_fn.is_correction_level = "off"  # the user's setting; vLLM log-probs feed the estimate only
         self.entropic_loss = EntroPICPolicyLoss(self.actor_loss_fn, self.entropic_config)
         self.actor_loss_fn = self.entropic_loss
@@ -193,7 +146,7 @@ def save_controller_state(client_states: dict | None, entropic_loss: EntroPICPol
     """Checkpoint `client_states` with the controller state added (a copy; plain floats and ints)."""
     client_states = dict(client_states or {})
     if entropic_loss is not None:
-        client_states[CONTROLLER_STATE_KEY] = entropic_loss.controller.state_dict()
+        client_states[CONTROLLER_STATE_KEY] = entropic_loss.entropic.state_dict()
     return client_states
 
 
@@ -202,7 +155,7 @@ def restore_controller_state(entropic_loss: EntroPICPolicyLoss | None, checkpoin
     state = (checkpoint_states or {}).get(CONTROLLER_STATE_KEY)
     if entropic_loss is None or state is None:
         return False
-    entropic_loss.controller.load_state_dict(state)
+    entropic_loss.entropic.load_state_dict(state)
     return True
 
 
@@ -217,7 +170,7 @@ class EntroPICPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         entropic_loss = self.trainer.entropic_loss
         if restore_controller_state(entropic_loss, self.checkpoint_states):
             strategy.print(
-                f"EntroPIC: restored the controller from the checkpoint: {entropic_loss.controller.state_dict()}"
+                f"EntroPIC: restored the controller from the checkpoint: {entropic_loss.entropic.state_dict()}"
             )
         elif entropic_loss is not None and self.checkpoint_states:
             strategy.print("EntroPIC: the checkpoint has no controller state; the controller starts from zero")

@@ -1,18 +1,8 @@
 """Staleness for OpenRLHF's async trainer (`--train.async_enable`): weight versions, metrics, dropping.
 
-The weight version is the number of weight broadcasts to vLLM so far. OpenRLHF already holds one
-lock (`VLLMLock`) around each generation batch and each broadcast; our lock subclass also counts
-the broadcasts, so the version a generator reads while holding the lock is exactly the version of
-the weights that generate its batch. (With `--train.partial_rollout_enable` generation runs without
-the lock and weights can change mid-batch: the tag is then the version at the batch's start, so
-staleness is over-counted by at most one for samples finished under newer weights.)
-
-Every sample carries `info["policy_version"]`. The trainer computes staleness = (version being
-trained) - (version that generated the sample), logs rollout/staleness_mean and _max, and with
-`--entropic.max_staleness K` drops samples staler than K before making experience, counting them.
-A batch shares one version, so a drop removes whole batches and never splits a prompt's group.
-
-Imports openrlhf at top level; see `actor.py` for where that is allowed.
+OpenRLHF does not record which weights generated a sample, so we count weight broadcasts (the policy
+version) inside its own vLLM lock and tag every sample with it; the trainer logs staleness and drops
+samples older than `--entropic.max_staleness`. Imports openrlhf: see `actor.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +13,9 @@ from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
 from openrlhf.utils.logging_utils import init_logger
 
-from openrlhf_entropic.entropic import EntroPICConfig, Metric
+from openrlhf_entropic.reporting.metrics import RunMetric
 
-from . import swap_names
+from . import ClusterConfig, swap_names
 
 logger = init_logger(__name__)
 
@@ -42,14 +32,14 @@ def staleness_of(samples, current_version: int) -> list[int]:
     return staleness
 
 
-def drop_stale(samples, staleness: list[int], max_staleness: int | None):
+def keep_fresh(samples, staleness: list[int], max_staleness: int | None):
     """(kept samples, number dropped, metrics) with samples staler than `max_staleness` removed (None keeps all)."""
     kept = [s for s, age in zip(samples, staleness, strict=True) if max_staleness is None or age <= max_staleness]
     dropped = len(samples) - len(kept)
     metrics = {
-        Metric.STALENESS_MEAN: sum(staleness) / len(staleness) if staleness else float("nan"),
-        Metric.STALENESS_MAX: float(max(staleness)) if staleness else float("nan"),
-        Metric.DROPPED_STALE: float(dropped),
+        RunMetric.STALENESS_MEAN: sum(staleness) / len(staleness) if staleness else float("nan"),
+        RunMetric.STALENESS_MAX: float(max(staleness)) if staleness else float("nan"),
+        RunMetric.DROPPED_STALE: float(dropped),
     }
     return kept, dropped, metrics
 
@@ -111,16 +101,16 @@ class StalenessAwareTrainingActor(TrainingActor.__ray_actor_class__, _CountWeigh
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.max_staleness = EntroPICConfig.from_args(self.args).max_staleness
+        self.max_staleness = ClusterConfig.from_args(self.args).max_staleness
         self.dropped_stale_total = 0
 
     def train_step(self, rollout_samples, global_step: int):
         # Only this actor bumps the version, so reading it here (outside the lock) is exact.
         current_version = ray.get(self.vllm_lock.version.remote())
         staleness = staleness_of(rollout_samples, current_version)
-        kept, dropped, metrics = drop_stale(rollout_samples, staleness, self.max_staleness)
+        kept, dropped, metrics = keep_fresh(rollout_samples, staleness, self.max_staleness)
         self.dropped_stale_total += dropped
-        metrics[Metric.DROPPED_STALE] = float(self.dropped_stale_total)
+        metrics[RunMetric.DROPPED_STALE] = float(self.dropped_stale_total)
         if not kept:
             # No update: log the drop at the same global step; the weights and step count stay as they are.
             logger.warning(f"EntroPIC: dropped {dropped} samples staler than {self.max_staleness} policy versions")

@@ -1,24 +1,7 @@
 """The run summary (`summary.json`) and reading a finished run back from its directory.
 
-Definitions used by every field of `summarize`:
-- A *series* is one metric over the training steps, in step order. A row that lacks the key or
-  holds NaN/inf is left out of that series and counted in `skipped_values[key]` (and logged), so
-  a hole in the log never turns into a silently wrong average.
-- H, the training-time entropy, is `entropy_iw` (the estimate the controller sees; it equals the
-  plain token mean on fresh samples) when the run logs it, else `entropy` (the plain token mean
-  on the training batch); `entropy_series` in the summary names the key used.
-- entropy_tracking_error = mean over the second half of the series (points n//2 .. n-1) of
-  |MA20(H) - H*| / H*, with MA20 the trailing mean of the last 20
-  points. The first 19 points average what exists so far (1..19 points); they matter only for
-  runs shorter than 40 steps, since only the second half is scored.
-- entropy_eval_tracking_error: the same formula on the evaluations' `entropy_true`, MA over 5.
-- entropy_initial / entropy_final / reward_final: mean of the first / last 10 points (all
-  points if fewer), so one noisy batch does not decide them.
-- samples_per_second: harmonic mean of the per-step rates over the second half (steady state,
-  after start-up). Every step trains the same batch, so that is samples / seconds over those steps.
-- staleness_mean: mean of the per-step means; staleness_max: the largest per-step max.
-- pass_at_1 / pass_at_k / k: from the last evaluation that logged a finite value.
-A field whose series is empty is None (JSON null), never 0.
+Both runtimes and the compare report use these, so a field means one thing everywhere; each field's
+definition is in docs/compare.md ("Field definitions"), and tests/test_summary.py pins them.
 """
 
 from __future__ import annotations
@@ -31,7 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from openrlhf_entropic.entropic.config import Metric
+from openrlhf_entropic.reporting.metrics import TAGS
 
 logger = logging.getLogger(__name__)
 
@@ -150,16 +133,13 @@ def _one_row_per_step(rows: list[dict], skipped: dict[str, int]) -> list[dict]:
 def _tensorboard_keys() -> dict[str, list[str]]:
     """Row key -> TensorBoard tags that hold it, the preferred tag first.
 
-    Our runtimes log the `Metric` names. The cluster runtime logs through OpenRLHF's
+    Our runtimes log the names in `TAGS`. The cluster runtime logs through OpenRLHF's
     TensorboardLogger, which prefixes "train/" (log_train) or "eval/" (log_eval) to every key, so
     those spellings count too. Last come OpenRLHF 0.11.2's own names for the same quantity:
     `train/reward` (mean sample reward in ppo_train) and `train/entropy_loss` (the policy entropy
     it computes when --actor.entropy_coef is set, 0 = log only).
     """
-    keys = {}
-    for name, tag in vars(Metric).items():
-        if name.isupper():
-            keys[tag.split("/", 1)[1]] = [tag, f"train/{tag}", f"eval/{tag}"]
+    keys = {key: [tag, f"train/{tag}", f"eval/{tag}"] for key, tag in TAGS.items()}
     keys["reward_mean"].append("train/reward")
     keys["entropy"].append("train/entropy_loss")
     return keys

@@ -1,0 +1,134 @@
+"""The embedded runtime's settings: one dataclass, whose fields are the `cli.train` flags.
+
+Flags are the field names with dashes; where OpenRLHF has a flag for the same thing the name is
+OpenRLHF's (`--rollout-batch-size`, `--micro-train-batch-size`, `--actor-learning-rate`, ...).
+A preset fills every flag the user did not type; `check()` rejects impossible combinations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _flag(help_text: str, **metadata):
+    return {"help": help_text, **metadata}
+
+
+@dataclass
+class RunConfig:
+    """Everything `cli.train` configures besides the `--entropic.*` flags. Defaults: the embedded preset."""
+
+    preset: str = field(default="embedded", metadata=_flag("Default values for every untyped flag.",
+                                                              choices=("embedded",)))
+    mode: str = field(default="on_policy", metadata=_flag(
+        "on_policy: generators wait for fresh weights (K = 0); async: they run up to K versions ahead.",
+        choices=("on_policy", "async")))
+    max_staleness: int | None = field(default=None, metadata=_flag(
+        "K: drop samples more than K policy versions old (default 0 on-policy, 4 async).",
+        aliases=("--entropic.max_staleness",), metavar="K"))
+    steps: int = field(default=300, metadata=_flag("Total training steps (a resumed run continues up to this total)."))
+    seed: int = field(default=0, metadata=_flag("Seed of prompts, sampling and initialization."))
+    output_dir: str = field(default="runs/train", metadata=_flag(
+        "Metrics, TensorBoard events, checkpoints, summary.json."))
+    num_generators: int = field(default=1, metadata=_flag("Generator actors."))
+    num_learners: int = field(default=1, metadata=_flag("Data-parallel DeepSpeed ZeRO-2 learner ranks."))
+    sync_every: int = field(default=1, metadata=_flag("Send weights to the generators every N training steps."))
+    save_steps: int = field(default=-1, metadata=_flag("Checkpoint every N steps (-1 = never)."))
+    resume: bool = field(default=False, metadata=_flag("Continue from the latest checkpoint in --output-dir."))
+    eval_steps: int = field(default=10, metadata=_flag("Evaluate on fresh samples of the eval prompts every N steps."))
+    eval_n_samples: int = field(default=8, metadata=_flag("Samples per eval prompt (>= --eval-k)."))
+    eval_k: int = field(default=4, metadata=_flag("k of pass@k."))
+    ray_address: str | None = field(default=None, metadata=_flag(
+        "Join this Ray cluster instead of starting a local one."))
+    ray_dashboard: bool = field(default=False, metadata=_flag("Start the Ray dashboard."))
+    ray_num_cpus: int | None = field(default=None, metadata=_flag("CPUs of the local Ray cluster (None: all)."))
+    learner_num_gpus: float = field(default=0.0, metadata=_flag("GPUs per learner actor (0 = CPU with gloo)."))
+    prompt_data: str | None = field(default=None, metadata=_flag(
+        "JSONL or parquet prompts (None: the embedded synthetic task)."))
+    eval_data: str | None = field(default=None, metadata=_flag(
+        "Eval prompts (None: 10% of --prompt-data held out, at most 48)."))
+    input_key: str = field(default="input", metadata=_flag("Prompt column of --prompt-data."))
+    label_key: str = field(default="label", metadata=_flag("Label column of --prompt-data."))
+    reward_func: str | None = field(default=None, metadata=_flag(
+        "Python file defining reward_func(queries, prompts, labels). It runs as code: use trusted files only."))
+    pretrain: str | None = field(default=None, metadata=_flag(
+        "Local Hugging Face model directory (None: the embedded tiny model)."))
+    warm_start_cache: str | None = field(default=None, metadata=_flag(
+        "Where the embedded model's warm start is cached (None: $XDG_CACHE_HOME or ~/.cache, /openrlhf_entropic; "
+        "keyed by a hash of its settings)."))
+    warm_start_steps: int = field(default=150, metadata=_flag("Supervised warm-start steps of the embedded model."))
+    advantage: str = field(default="grpo", metadata=_flag("Outcome advantage estimator.",
+                                                             choices=("grpo", "reinforce_baseline", "rloo")))
+    temperature: float = field(default=1.0, metadata=_flag("Sampling temperature (also scales the learner's policy)."))
+    top_p: float = field(default=1.0, metadata=_flag("Nucleus sampling threshold."))
+    n_samples_per_prompt: int = field(default=8, metadata=_flag("Samples per prompt (a GRPO group)."))
+    rollout_batch_size: int = field(default=16, metadata=_flag("Prompts per training step."))
+    train_batch_size: int = field(default=128, metadata=_flag("Samples per optimizer step (over all learners)."))
+    micro_train_batch_size: int = field(default=128, metadata=_flag(
+        "Samples per forward/backward on one learner."))
+    max_epochs: int = field(default=1, metadata=_flag("PPO epochs over each rollout batch."))
+    actor_learning_rate: float = field(default=2e-3, metadata=_flag("AdamW learning rate."))
+    eps_clip: float = field(default=0.2, metadata=_flag("PPO clip range of the ratio."))
+    max_norm: float = field(default=1.0, metadata=_flag("Gradient clipping norm."))
+    generate_max_len: int = field(default=3, metadata=_flag("Max new tokens per response."))
+    buffer_capacity: int | None = field(default=None, metadata=_flag(
+        "Replay buffer capacity in samples (None: (K+1) x batch + one generation job)."))
+    entropy_chunk_size: int = field(default=256, metadata=_flag(
+        "Token rows per chunk when computing entropy from logits.", aliases=("--entropic.entropy_chunk_size",)))
+    no_progress: bool = field(default=False, metadata=_flag("Hide the progress bar."))
+
+    @property
+    def batch_samples(self) -> int:
+        """Samples per training step: rollout_batch_size x n_samples_per_prompt."""
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def job_samples(self) -> int:
+        """Samples one generation job returns (the step's prompts split over the generators)."""
+        return self.batch_samples // self.num_generators
+
+    def check(self) -> list[str]:
+        """Messages for impossible settings (empty when the config is usable), each naming its flag."""
+        batch = self.batch_samples
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.mode == "async" or self.max_staleness == 0,
+             f"--max-staleness {self.max_staleness} needs --mode async (on-policy means K = 0)"),
+            (self.max_staleness is not None and self.max_staleness >= 0,
+             f"--max-staleness must be an integer >= 0 (the embedded runtime needs a bound), got {self.max_staleness}"),
+            (self.mode == "async" or self.sync_every == 1, "on-policy needs --sync-every 1 (fresh weights every step)"),
+            (self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}"),
+            (self.num_generators >= 1, f"--num-generators must be >= 1, got {self.num_generators}"),
+            (self.rollout_batch_size % max(self.num_generators, 1) == 0,
+             f"--rollout-batch-size {self.rollout_batch_size} must be divisible by --num-generators "
+             f"{self.num_generators}"),
+            (1 <= self.num_learners <= batch,
+             f"--num-learners {self.num_learners} must be between 1 and the batch ({batch} samples)"),
+            (batch % self.train_batch_size == 0,
+             f"the batch ({batch} samples) must be a multiple of --train-batch-size {self.train_batch_size}"),
+            (self.train_batch_size % (self.micro_train_batch_size * self.num_learners) == 0,
+             f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-train-batch-size x "
+             f"--num-learners ({self.micro_train_batch_size} x {self.num_learners})"),
+            (self.max_epochs >= 1, f"--max-epochs must be >= 1, got {self.max_epochs}"),
+            (self.temperature > 0 and 0 < self.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+            (self.eval_steps >= 1 and self.eval_n_samples >= self.eval_k >= 1,
+             "--eval-steps must be >= 1 and --eval-n-samples >= --eval-k >= 1"),
+            (self.prompt_data is None or self.reward_func is not None, "--prompt-data needs --reward-func"),
+            (self.buffer_capacity is None or self.buffer_capacity >= batch + self.job_samples,
+             f"--buffer-capacity must hold a batch plus one generation job ({batch + self.job_samples} samples)"),
+            (self.entropy_chunk_size >= 1, f"--entropy-chunk-size must be >= 1, got {self.entropy_chunk_size}"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+
+# A preset fills every flag the user did not type. The embedded default: the synthetic letter-pair
+# task with a tiny model, sized so that a 4-cell compare finishes within minutes on 2 CPU cores.
+PRESETS = {
+    "embedded": {
+        "run": {},  # the RunConfig defaults are this preset
+        # Tuned on this task: the target ramps down from about the warm-start entropy, so the
+        # integral does not wind up early; a 0.5 threshold gives high_prob mode enough tokens to act on.
+        "entropic": {"target_entropy": 0.35, "target_start": 1.2, "target_warmup_steps": 80, "kp": 3.0, "ki": 0.1,
+                     "mode": "high_prob", "high_prob_threshold": 0.5},
+    },
+}
