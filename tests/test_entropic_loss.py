@@ -229,3 +229,25 @@ def test_bad_arguments_are_rejected(kwargs, message):
     call = {"alpha": 0.1, **kwargs}
     with pytest.raises(ValueError, match=message):
         entropic_policy_loss(log_probs, old_log_probs, advantages, mask, **call)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), alpha=st.floats(-1.0, 1.0), mode=st.sampled_from(MODES),
+       token_level=st.booleans())
+def test_entropic_advantages_give_the_same_loss_through_a_plain_ppo_loss(seed, alpha, mode, token_level):
+    """A runtime with its own PPO loss gets EntroPIC as advantages: PPO(clipped) + unclipped bonus term."""
+    from openrlhf_entropic.entropic.loss import entropic_advantages
+
+    log_probs, old_log_probs, advantages, mask, entropy = random_batch(seed, peaked=True)
+    clipped, bonus, adjusted = entropic_advantages(
+        log_probs, advantages, mask, alpha, mode=mode, token_level=token_level, entropy=entropy
+    )
+    got = plain_ppo_autograd(log_probs, old_log_probs, clipped, mask, token_level=token_level)
+    if bonus is not None:
+        ratio = torch.exp(log_probs - old_log_probs)
+        got = got + plain_ppo_autograd(log_probs, log_probs, ratio * bonus, mask, token_level=token_level)  # -r * bonus
+    expected, metrics = entropic_policy_loss(
+        log_probs, old_log_probs, advantages, mask, alpha, mode=mode, token_level=token_level, entropy=entropy
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (adjusted.float() * mask).sum() / mask.sum() == pytest.approx(metrics["adjusted_fraction"].item())

@@ -56,6 +56,91 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
         return grad.to(ctx.grad_dtype), *([None] * 9)
 
 
+def _validate(mode: str, alpha: float, entropy: torch.Tensor | None) -> float:
+    if mode not in LOSS_MODES:
+        raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
+    alpha = float(alpha)
+    if not -1.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [-1, 1] so that sample weights stay >= 0, got {alpha}")
+    if mode == "covariance" and entropy is None:
+        raise ValueError("mode='covariance' needs the per-position entropy tensor (entropy=...)")
+    return alpha
+
+
+@torch.no_grad()
+def _entropic_weights(log_probs, advantages, mask, alpha, mode, high_prob_threshold, token_level, entropy):
+    """(advantages, adjustment, bonus, selector, scale): what decides EntroPIC's weights, all detached.
+
+    advantages come back fp32, [batch, 1] for per-sequence ones (GRPO, RLOO, REINFORCE++), so the
+    [batch, seq] work stays close to plain PPO's. adjustment (all_tokens, covariance) is added to
+    A inside PPO's clip; bonus (high_prob) is the advantage of the unclipped term; the other is None.
+    scale turns a masked sum into the loss's aggregation (token mean or mean of sequence means).
+    """
+    advantages = advantages.detach().float()
+    if advantages.dim() == log_probs.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    lengths = mask.sum(dim=-1, keepdim=True)
+    if token_level:
+        scale = 1.0 / lengths.sum().clamp(min=1.0)
+    else:
+        scale = 1.0 / (lengths[:, 0].clamp(min=1.0) * (lengths > 0).sum().clamp(min=1))
+
+    # s: which tokens are adjusted, and in which direction.
+    if mode == "all_tokens":
+        selector = torch.ones_like(advantages)
+    elif mode == "covariance":
+        selector = torch.sign(log_probs.detach().float() + entropy.detach().float()) * mask
+    else:
+        selector = (log_probs.detach() > math.log(high_prob_threshold)).float() * mask
+
+    if mode == "high_prob":
+        # alpha * mean over M of (-ratio * |A|), folded into the objective with the factor that
+        # turns the mean over the mask into the mean over M (aggregated the same way).
+        high_per_sequence = selector.sum(dim=-1, keepdim=True)
+        if token_level:
+            rescale = lengths.sum() / high_per_sequence.sum().clamp(min=1.0)
+        else:
+            rescale = (lengths / high_per_sequence.clamp(min=1.0)) * (
+                (lengths > 0).sum() / (high_per_sequence > 0).sum().clamp(min=1)
+            )
+        return advantages, None, (alpha * rescale) * advantages.abs() * selector, selector, scale
+    # w >= 0 commutes with PPO's min and clip: w * min(rA, clip(r)A) = bounded(r) * (A + alpha * s * |A|),
+    # with the clip side still chosen by sign(A).
+    return advantages, alpha * advantages.abs() * selector, None, selector, scale
+
+
+def entropic_advantages(
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float | torch.Tensor,
+    mode: str = "high_prob",
+    high_prob_threshold: float = 0.95,
+    token_level: bool = True,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """EntroPIC written as advantages, for a runtime whose own PPO loss does the clipping and weighting.
+
+    Inputs as in `entropic_policy_loss` (log_probs, mask, entropy [batch, seq]; advantages [batch, seq]
+    or [batch]). Returns, all detached:
+      clipped_advantages [batch, seq]: the advantages to give PPO's clipped surrogate. A itself for
+        high_prob; A + alpha * s_t * |A| (= w_t * A) for all_tokens and covariance, since w_t >= 0
+        commutes with PPO's min, clip and dual clip.
+      bonus [batch, seq] or None: high_prob only. The loss gains the unclipped term -ratio * bonus,
+        aggregated like the PPO loss; this is alpha * mean over M of (-ratio * |A|).
+      adjusted [batch, seq] bool: the response tokens EntroPIC reweights (A != 0 and s_t != 0).
+    """
+    alpha = _validate(mode, alpha, entropy)
+    mask = mask.to(torch.float32)
+    advantages, adjustment, bonus, selector, _ = _entropic_weights(
+        log_probs, advantages, mask, alpha, mode, high_prob_threshold, token_level, entropy
+    )
+    with torch.no_grad():
+        clipped_advantages = (advantages if adjustment is None else advantages + adjustment).expand_as(mask)
+        adjusted = (advantages != 0) & (selector != 0) & (mask > 0)
+    return clipped_advantages, bonus, adjusted
+
+
 def entropic_policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -87,61 +172,21 @@ def entropic_policy_loss(
     pass (exactly 0 at alpha = 0), for a runtime that adds it to its own PPO loss.
     Returns (loss 0-dim, metrics: adjusted_fraction and clip_fraction, 0-dim detached tensors).
     """
-    if mode not in LOSS_MODES:
-        raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
-    alpha = float(alpha)
-    if not -1.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [-1, 1] so that sample weights stay >= 0, got {alpha}")
-    if mode == "covariance" and entropy is None:
-        raise ValueError("mode='covariance' needs the per-position entropy tensor (entropy=...)")
+    alpha = _validate(mode, alpha, entropy)
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = mask.to(torch.float32)
-
-    # Everything that decides the weights is detached. Per-sequence advantages (GRPO, RLOO,
-    # REINFORCE++) stay [batch, 1], so the [batch, seq] work stays close to plain PPO's.
+    advantages, adjustment, bonus, selector, scale = _entropic_weights(
+        log_probs, advantages, mask, alpha, mode, high_prob_threshold, token_level, entropy
+    )
     with torch.no_grad():
-        advantages = advantages.detach().float()
-        if advantages.dim() == log_probs.dim() - 1:
-            advantages = advantages.unsqueeze(-1)
-        lengths = mask.sum(dim=-1, keepdim=True)
-        if token_level:
-            scale = 1.0 / lengths.sum().clamp(min=1.0)
-        else:
-            scale = 1.0 / (lengths[:, 0].clamp(min=1.0) * (lengths > 0).sum().clamp(min=1))
-
-        # s: which tokens are adjusted, and in which direction.
-        if mode == "all_tokens":
-            selector = torch.ones_like(advantages)
-        elif mode == "covariance":
-            selector = torch.sign(log_probs.detach().float() + entropy.detach().float()) * mask
-        else:
-            selector = (log_probs.detach() > math.log(high_prob_threshold)).float() * mask
-
-        coefficients = None if term_only else advantages
-        bonus = None
-        if mode == "high_prob":
-            # alpha * mean over M of (-ratio * |A|), folded into the objective with the factor that
-            # turns the mean over the mask into the mean over M (aggregated the same way).
-            high_per_sequence = selector.sum(dim=-1, keepdim=True)
-            if token_level:
-                rescale = lengths.sum() / high_per_sequence.sum().clamp(min=1.0)
-            else:
-                rescale = (lengths / high_per_sequence.clamp(min=1.0)) * (
-                    (lengths > 0).sum() / (high_per_sequence > 0).sum().clamp(min=1)
-                )
-            bonus = (alpha * rescale) * advantages.abs() * selector
-        else:
-            # w >= 0 commutes with PPO's min and clip: w * min(rA, clip(r)A) = bounded(r) * (A + alpha * s * |A|),
-            # with the clip side still chosen by sign(A).
-            adjustment = alpha * advantages.abs() * selector
-            coefficients = adjustment if term_only else advantages + adjustment
+        coefficients = adjustment if term_only else advantages if adjustment is None else advantages + adjustment
 
     loss, clipped_per_row = _ClippedSurrogateLoss.apply(
         log_probs, old_log_probs, advantages, coefficients, bonus, mask, scale, clip_eps_low, clip_eps_high, dual_clip
     )
     with torch.no_grad():
-        num_tokens = lengths.sum().clamp(min=1.0)
+        num_tokens = mask.sum().clamp(min=1.0)
         adjusted = ((advantages != 0) & (selector != 0)).float().expand_as(mask)
         metrics = {
             "adjusted_fraction": torch.linalg.vecdot(adjusted, mask).sum() / num_tokens,
