@@ -115,6 +115,8 @@ def test_grid_and_commands():
         (["--modes", "high_prob,bogus"], "unknown loss mode"),
         (["--max-staleness", "0"], "must be >= 1"),
         (["--report-only", "--", "--steps", "3"], "runs nothing"),
+        (["--report-only", "--steps", "3", "--seeds", "0,1"], "--seeds, --steps shape the runs; --report-only"),
+        (["--report-only", "--modes", "high_prob"], "--modes shape the runs"),
         (["--target-entropy", "-1"], "must be > 0"),
         (["--seeds", "0,x"], "invalid comma-separated int value: '0,x'"),
         (["--seeds", ","], "at least one seed"),

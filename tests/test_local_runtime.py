@@ -11,6 +11,7 @@ ray = pytest.importorskip("ray")
 
 from openrlhf_entropic.cli.train import build_task, main, parse_args  # noqa: E402
 from openrlhf_entropic.reporting.metrics import RunMetric  # noqa: E402
+from openrlhf_entropic.runtime.local.run_dir import RunDirError  # noqa: E402
 from openrlhf_entropic.runtime.local.trainer import LocalTrainer  # noqa: E402
 
 
@@ -61,23 +62,35 @@ def test_on_policy_run_syncs_weights_and_writes_its_outputs(cache, tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
-def test_resumed_on_policy_run_continues_with_the_same_alphas(cache, tmp_path):
+def copy_run_up_to(source, target, step):
+    """`target` as the run in `source` looked when checkpoint `step` was its latest (a kill right after it)."""
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / f"step_{step}", target / "checkpoints" / f"step_{step}")
+    (target / "checkpoints" / "latest").write_text(f"step_{step}")
+    shutil.copy(source / "config.json", target / "config.json")
+    # Rows past the checkpoint, as a killed run leaves them: the resume must log those steps once, not twice.
+    (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows_of(source)[:step + 1]))
+
+
+@pytest.mark.parametrize("mode", [["--mode", "on_policy"], ["--mode", "async", "--max-staleness", "2"]])
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(cache, tmp_path, mode):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    make_trainer(cache, full, "--steps", "6", "--save-steps", "3", "--entropic.enable").run()
+    make_trainer(cache, full, "--steps", "6", "--save-steps", "3", "--entropic.enable", *mode).run()
     reference = rows_of(full)
 
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    (resumed / "checkpoints" / "latest").write_text("step_3")
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in reference[:3]))
-    make_trainer(cache, resumed, "--steps", "6", "--entropic.enable", "--resume").run()
+    copy_run_up_to(full, resumed, 3)
+    summary = make_trainer(cache, resumed, "--steps", "6", "--entropic.enable", "--resume", *mode).run()
 
     continued = rows_of(resumed)
-    assert [row["step"] for row in continued] == [1, 2, 3, 4, 5, 6]  # appended, up to the --steps total
+    assert [row["step"] for row in continued] == [1, 2, 3, 4, 5, 6]  # each step once
     for ours, theirs in zip(continued[3:], reference[3:], strict=True):
-        assert ours["alpha"] == pytest.approx(theirs["alpha"], abs=1e-6)
-        assert ours["i_term"] == pytest.approx(theirs["i_term"], abs=1e-6)
+        assert ours["alpha"] == pytest.approx(theirs["alpha"], abs=1e-5)
+        assert ours["i_term"] == pytest.approx(theirs["i_term"], abs=1e-5)
         assert ours["entropy"] == pytest.approx(theirs["entropy"], abs=1e-5)
+        assert ours["staleness_mean"] == theirs["staleness_mean"]
+    assert summary["seconds"] >= reference[2]["seconds"]  # the time before the kill counts too
+    with pytest.raises(RunDirError, match="entropic.kp"):
+        make_trainer(cache, resumed, "--steps", "8", "--entropic.enable", "--entropic.kp", "9", "--resume", *mode).setup()
 
 
 def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path):
@@ -128,3 +141,40 @@ def test_file_data_with_nan_rewards_and_a_malformed_row(cache, tmp_path):
     data.write_text(data.read_text() + '{"question": "a b c d =", "answer": 3}\n')
     with pytest.raises(ValueError, match=r"prompts\.jsonl.*41"):
         main(flags)
+
+
+def test_a_reward_function_that_only_returns_nan_stops_the_run_with_the_counts(cache, tmp_path):
+    reward = tmp_path / "nan_reward.py"
+    reward.write_text("def reward_func(queries, prompts, labels):\n    return [float('nan')] * len(queries)\n")
+    data = tmp_path / "prompts.jsonl"
+    from openrlhf_entropic.tasks import synthetic
+
+    data.write_text("".join(json.dumps({"input": r["prompt"], "label": r["label"]}) + "\n"
+                            for r in synthetic.make_prompts()[0][:20]))
+    with pytest.raises(Exception, match=r"gave no usable sample: every reward was NaN or inf \(\d+ NaN"):
+        make_trainer(cache, tmp_path / "run", "--steps", "2", "--prompt-data", str(data), "--reward-func",
+                     str(reward)).run()
+
+
+def test_ctrl_c_prints_one_line_keeps_what_is_finished_and_exits_130(cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "openrlhf_entropic.cli.train", "--output-dir", str(run_dir), "--warm-start-cache",
+               cache, "--warm-start-steps", "30", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
+               "--train-batch-size", "16", "--micro-train-batch-size", "16", "--steps", "500", "--save-steps", "2",
+               "--no-progress", "--ray-num-cpus", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "checkpoints" / "latest").is_file():
+        time.sleep(0.5)
+    assert (run_dir / "checkpoints" / "latest").is_file(), "the run never saved a checkpoint"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "[train] interrupted" in stderr and "Traceback" not in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["steps"] == len(rows_of(run_dir)) >= 2

@@ -371,10 +371,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--seeds",
         type=_comma_list(int),
-        default=[0],
+        default=None,
         help="Comma-separated seeds, e.g. 0,1,2 (default: 0).",
     )
-    parser.add_argument("--max-staleness", type=int, default=4, help="K of the async cells (on-policy cells use 0).")
+    parser.add_argument("--max-staleness", type=int, default=None,
+                        help="K of the async cells (default 4; on-policy cells use 0).")
     parser.add_argument(
         "--modes",
         type=_comma_list(str),
@@ -404,6 +405,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--train-module", default="openrlhf_entropic.cli.train", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.report_only:
+        typed = [flag for flag, value in (("--seeds", args.seeds), ("--max-staleness", args.max_staleness),
+                                          ("--modes", args.modes), ("--steps", args.steps)) if value is not None]
+        if typed:
+            parser.error(f"{', '.join(typed)} shape the runs; --report-only runs nothing and reports what exists")
+    args.seeds = [0] if args.seeds is None else args.seeds
+    args.max_staleness = 4 if args.max_staleness is None else args.max_staleness
     if not args.seeds:
         parser.error("--seeds needs at least one seed")
     if args.max_staleness < 1:

@@ -10,11 +10,14 @@ import argparse
 import functools
 import json
 import logging
+import math
 import sys
+from pathlib import Path
 
 from openrlhf_entropic.entropic import EntroPICConfig, add_entropic_args
 from openrlhf_entropic.entropic.config import add_dataclass_flags, dataclass_from_args
 from openrlhf_entropic.runtime.local.config import PRESETS, RunConfig
+from openrlhf_entropic.runtime.local.run_dir import RunDirError
 from openrlhf_entropic.tasks import Task
 
 
@@ -38,9 +41,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, EntroPICConfig
         entropic = EntroPICConfig.from_args(args, **preset["entropic"])
     except ValueError as error:
         parser.error(str(error))
-    for message in run.check():
+    for message in run.check() + _missing_files(run):
         parser.error(message)
     return run, entropic
+
+
+def _missing_files(run: RunConfig) -> list[str]:
+    """Messages for path flags that do not point at what they need, checked before anything starts."""
+    messages = []
+    for flag, path, kind in (("--pretrain", run.pretrain, "directory"), ("--prompt-data", run.prompt_data, "file"),
+                             ("--eval-data", run.eval_data, "file"), ("--reward-func", run.reward_func, "file")):
+        if path is not None and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):
+            messages.append(f"{flag} {path}: no such {kind} (models and data are read locally, never downloaded)")
+    if run.reward_func is not None and Path(run.reward_func).suffix != ".py":
+        messages.append(f"--reward-func {run.reward_func}: must be a Python file (.py) defining reward_func")
+    return messages
 
 
 def load_pretrained(path: str):
@@ -54,7 +69,11 @@ def load_pretrained(path: str):
 
 
 def build_task(args: RunConfig) -> Task:
-    """The embedded synthetic task, or the task given by --prompt-data, --reward-func and --pretrain."""
+    """The embedded synthetic task, or the task given by --prompt-data, --reward-func and --pretrain.
+
+    Prompts the model cannot read are refused, and prompts longer than --prompt-max-len are dropped
+    and counted, here, before any actor starts.
+    """
     from openrlhf_entropic.tasks import synthetic
 
     if args.pretrain:
@@ -62,7 +81,7 @@ def build_task(args: RunConfig) -> Task:
     else:
         cache = args.warm_start_cache or str(synthetic.DEFAULT_CACHE)
         factory = functools.partial(synthetic.load_warm_model, cache, seed=0, steps=args.warm_start_steps)
-        factory()  # warm start once here, so the actors only read the cache
+    model, tokenizer = factory()  # for the embedded model: the warm start, once, so the actors only read the cache
     if args.prompt_data is None:
         train_rows, eval_rows = synthetic.make_prompts()
         reward_fn, correct_fn = synthetic.reward_func, synthetic.is_correct
@@ -82,13 +101,44 @@ def build_task(args: RunConfig) -> Task:
 
         reward_fn = load_reward_func(args.reward_func)
         correct_fn = functools.partial(_positive_reward, reward_fn)
+    limit = args.prompt_max_len or model.config.max_position_embeddings - args.generate_max_len
+    (train_rows, eval_rows), dropped = _readable_prompts(tokenizer, limit, args, train_rows, eval_rows)
     return Task(model_factory=factory, reward_fn=reward_fn, correct_fn=correct_fn, train_rows=train_rows,
-                eval_rows=eval_rows)
+                eval_rows=eval_rows, dropped_prompts=dropped)
 
 
-def _positive_reward(reward_fn, queries, prompts, labels) -> list[bool]:
-    """pass@k verdicts for a reward file: a sample is correct when its reward is > 0."""
-    return [reward > 0 for reward in reward_fn(queries, prompts, labels)]
+def _readable_prompts(tokenizer, limit: int, args: RunConfig, *splits: list[dict]) -> tuple[list[list[dict]], int]:
+    """Each split without prompts longer than `limit` tokens (dropped and counted); refuses unknown words.
+
+    A word-level tokenizer (the embedded model's) maps an unknown word to its unknown token: training
+    on such prompts would learn nothing while looking normal, so that is an error, not a skip.
+    """
+    kept_splits, dropped = [], 0
+    unknown_id = tokenizer.unk_token_id
+    for name, rows in zip(("train", "eval"), splits, strict=True):
+        kept = []
+        for number, row in enumerate(rows, start=1):
+            ids = tokenizer(row["prompt"])["input_ids"]
+            if unknown_id is not None and args.pretrain is None and unknown_id in ids:
+                raise ValueError(f"{args.prompt_data or 'the prompts'}: {name} row {number} has words the embedded "
+                                 f"model does not know ({row['prompt'][:60]!r}); its vocabulary is the synthetic "
+                                 "task's. Pass --pretrain DIR with a model and tokenizer for your data.")
+            if len(ids) > limit:
+                dropped += 1
+                continue
+            kept.append(row)
+        if not kept:
+            raise ValueError(f"every {name} prompt is longer than --prompt-max-len {limit} tokens")
+        kept_splits.append(kept)
+    if dropped:
+        logging.getLogger(__name__).warning("dropped %d prompts longer than %d tokens (--prompt-max-len)", dropped,
+                                            limit)
+    return kept_splits, dropped
+
+
+def _positive_reward(reward_fn, queries, prompts, labels) -> list[bool | None]:
+    """pass@k verdicts for a reward file: correct when its reward is > 0, None (not judged) when NaN/inf."""
+    return [reward > 0 if math.isfinite(reward) else None for reward in reward_fn(queries, prompts, labels)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,8 +147,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run, entropic = parse_args(argv)
-    return LocalTrainer(run, entropic, build_task(run)).run()
+    try:
+        task = build_task(run)
+    except (ValueError, FileNotFoundError) as error:
+        raise InputError(str(error)) from error
+    return LocalTrainer(run, entropic, task).run()
+
+
+class InputError(ValueError):
+    """Bad data, reward file or model found before training starts; the message names the file and row."""
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:]), indent=2))
+    try:
+        print(json.dumps(main(sys.argv[1:]), indent=2))
+    except KeyboardInterrupt:
+        print("[train] interrupted: the steps logged so far, their checkpoints and summary.json are kept", file=sys.stderr)
+        sys.exit(130)
+    except (InputError, RunDirError) as error:  # bad input or a folder that holds another run: no traceback
+        print(f"[train] error: {error}", file=sys.stderr)
+        sys.exit(2)

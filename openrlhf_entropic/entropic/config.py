@@ -158,8 +158,20 @@ def add_dataclass_flags(group, cls, flag_of: Callable[[str], str], dest_of: Call
             kind = _optional(kind)
         choices = f.metadata.get("choices")
         metavar = f.metadata.get("metavar", None if choices else type_name.upper())
+        action = _StoreOnce if len(names) > 1 else "store"
         group.add_argument(*names, dest=dest_of(f.name), type=kind, default=None, choices=choices, metavar=metavar,
-                           help=help_text)
+                           action=action, help=help_text)
+
+
+class _StoreOnce(argparse.Action):
+    """Store a setting that has several spellings, refusing it twice (which one should win is a guess)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_spellings_seen", {})
+        if self.dest in seen:
+            parser.error(f"{seen[self.dest]} and {option_string} are one setting; give it once")
+        seen[self.dest] = option_string
+        setattr(namespace, self.dest, values)
 
 
 def add_entropic_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -15,6 +15,8 @@ class RunMetric:
     DROPPED_STALE = "rollout/dropped_stale"
     REWARD_MEAN = "rollout/reward_mean"
     DROPPED_NAN = "rollout/dropped_nan"
+    DROPPED_INF = "rollout/dropped_inf"
+    CLIPPED_REWARDS = "rollout/clipped_rewards"
     GENERATOR_RESTARTS = "rollout/generator_restarts"
     REQUEUED_JOBS = "rollout/requeued_jobs"
     SAMPLES_PER_SECOND = "perf/samples_per_second"
@@ -25,6 +27,7 @@ class RunMetric:
     EVAL_PASS_AT_1 = "eval/pass_at_1"
     EVAL_PASS_AT_K = "eval/pass_at_k"
     EVAL_K = "eval/k"
+    EVAL_DROPPED_NAN = "eval/dropped_nan"
 
 
 def jsonl_key(tag: str) -> str:

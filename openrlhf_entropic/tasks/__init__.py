@@ -20,3 +20,4 @@ class Task:
     correct_fn: CorrectFn  # the verdicts behind pass@k
     train_rows: list[dict]
     eval_rows: list[dict]
+    dropped_prompts: int = 0  # rows left out for being longer than --prompt-max-len

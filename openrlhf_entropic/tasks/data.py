@@ -30,8 +30,12 @@ def load_prompts(path: str | Path, input_key: str = "input", label_key: str = "l
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         where, records = "line", []
-        with path.open(encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{path}:line {number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
                 if not line.strip():
                     continue
                 try:
@@ -79,6 +83,8 @@ def load_reward_func(path: str | Path) -> Callable[[list[str], list[str], list[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reward function file not found: {path}")
+    if path.suffix != ".py":
+        raise ValueError(f"{path}: a reward function file must be a Python file (.py)")
     spec = importlib.util.spec_from_file_location(f"reward_file_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

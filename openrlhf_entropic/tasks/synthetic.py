@@ -41,7 +41,8 @@ def build_tokenizer():
     vocab = {token: index for index, token in enumerate([PAD, EOS, EQUALS, *LETTERS])}
     core = Tokenizer(WordLevel(vocab, unk_token=PAD))
     core.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS)
+    # unk = pad: an unknown word must be detectable (the CLI refuses prompts that contain one).
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=PAD)
     tokenizer.padding_side = "left"  # generation pads prompts on the left
     return tokenizer
 

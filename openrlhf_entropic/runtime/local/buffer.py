@@ -114,5 +114,14 @@ class ReplayBuffer:
         return len(self.samples)
 
     def evicted_count(self) -> int:
-        """Samples evicted as stale since this buffer was made (the `dropped_stale` metric)."""
+        """Samples evicted as stale so far in this run (the `dropped_stale` metric)."""
         return self.evicted_stale
+
+    def snapshot(self) -> tuple[list[Sample], int]:
+        """(the samples held, oldest first; the evicted count): what a checkpoint saves."""
+        return list(self.samples), self.evicted_stale
+
+    def restore(self, samples: list[Sample], evicted: int) -> None:
+        """Replace the contents with a `snapshot` (on resume)."""
+        self.samples = deque(samples)
+        self.evicted_stale = evicted

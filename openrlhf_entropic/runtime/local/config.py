@@ -34,7 +34,11 @@ class RunConfig:
     num_learners: int = field(default=1, metadata=_flag("Data-parallel DeepSpeed ZeRO-2 learner ranks."))
     sync_every: int = field(default=1, metadata=_flag("Send weights to the generators every N training steps."))
     save_steps: int = field(default=-1, metadata=_flag("Checkpoint every N steps (-1 = never)."))
-    resume: bool = field(default=False, metadata=_flag("Continue from the latest checkpoint in --output-dir."))
+    resume: bool = field(default=False, metadata=_flag(
+        "Continue the run in --output-dir from its latest checkpoint, with the same algorithm settings."))
+    overwrite: bool = field(default=False, metadata=_flag(
+        "Replace the run in a non-empty --output-dir (metrics, events, checkpoints and config together)."))
+    max_ckpt_num: int = field(default=3, metadata=_flag("Keep the newest N checkpoints."))
     eval_steps: int = field(default=10, metadata=_flag("Evaluate on fresh samples of the eval prompts every N steps."))
     eval_n_samples: int = field(default=8, metadata=_flag("Samples per eval prompt (>= --eval-k)."))
     eval_k: int = field(default=4, metadata=_flag("k of pass@k."))
@@ -71,6 +75,11 @@ class RunConfig:
     eps_clip: float = field(default=0.2, metadata=_flag("PPO clip range of the ratio."))
     max_norm: float = field(default=1.0, metadata=_flag("Gradient clipping norm."))
     generate_max_len: int = field(default=3, metadata=_flag("Max new tokens per response."))
+    prompt_max_len: int | None = field(default=None, metadata=_flag(
+        "Prompts longer than this many tokens are dropped and counted (None: the model's positions minus "
+        "--generate-max-len)."))
+    reward_clip: float = field(default=10.0, metadata=_flag(
+        "Finite rewards are clipped to [-c, c] and counted; NaN and inf rewards drop their sample."))
     buffer_capacity: int | None = field(default=None, metadata=_flag(
         "Replay buffer capacity in samples (None: (K+1) x batch + one generation job)."))
     entropy_chunk_size: int = field(default=256, metadata=_flag(
@@ -85,7 +94,7 @@ class RunConfig:
     @property
     def job_samples(self) -> int:
         """Samples one generation job returns (the step's prompts split over the generators)."""
-        return self.batch_samples // self.num_generators
+        return self.batch_samples // max(self.num_generators, 1)
 
     def check(self) -> list[str]:
         """Messages for impossible settings (empty when the config is usable), each naming its flag."""
@@ -96,23 +105,45 @@ class RunConfig:
              f"--max-staleness {self.max_staleness} needs --mode async (on-policy means K = 0)"),
             (self.max_staleness is not None and self.max_staleness >= 0,
              f"--max-staleness must be an integer >= 0 (the embedded runtime needs a bound), got {self.max_staleness}"),
+            (self.mode == "on_policy" or self.max_staleness != 0,
+             "--mode async with --max-staleness 0 is on-policy training: use --mode on_policy, or K >= 1"),
             (self.mode == "async" or self.sync_every == 1, "on-policy needs --sync-every 1 (fresh weights every step)"),
             (self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}"),
             (self.num_generators >= 1, f"--num-generators must be >= 1, got {self.num_generators}"),
+            (min(self.rollout_batch_size, self.n_samples_per_prompt, self.train_batch_size,
+                 self.micro_train_batch_size) >= 1,
+             "--rollout-batch-size, --n-samples-per-prompt, --train-batch-size and --micro-train-batch-size "
+             "must be >= 1"),
             (self.rollout_batch_size % max(self.num_generators, 1) == 0,
              f"--rollout-batch-size {self.rollout_batch_size} must be divisible by --num-generators "
              f"{self.num_generators}"),
             (1 <= self.num_learners <= batch,
              f"--num-learners {self.num_learners} must be between 1 and the batch ({batch} samples)"),
-            (batch % self.train_batch_size == 0,
+            (batch % max(self.train_batch_size, 1) == 0,
              f"the batch ({batch} samples) must be a multiple of --train-batch-size {self.train_batch_size}"),
-            (self.train_batch_size % (self.micro_train_batch_size * self.num_learners) == 0,
+            (self.train_batch_size % max(self.micro_train_batch_size * self.num_learners, 1) == 0,
              f"--train-batch-size {self.train_batch_size} must be a multiple of --micro-train-batch-size x "
              f"--num-learners ({self.micro_train_batch_size} x {self.num_learners})"),
             (self.max_epochs >= 1, f"--max-epochs must be >= 1, got {self.max_epochs}"),
             (self.temperature > 0 and 0 < self.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+            (0 < self.actor_learning_rate < float("inf"),
+             f"--actor-learning-rate must be > 0, got {self.actor_learning_rate}"),
+            (0 < self.eps_clip < 1, f"--eps-clip must be in (0, 1), got {self.eps_clip}"),
+            (self.max_norm > 0, f"--max-norm must be > 0, got {self.max_norm}"),
+            (self.generate_max_len >= 1, f"--generate-max-len must be >= 1, got {self.generate_max_len}"),
+            (self.prompt_max_len is None or self.prompt_max_len >= 1,
+             f"--prompt-max-len must be >= 1, got {self.prompt_max_len}"),
+            (self.reward_clip > 0, f"--reward-clip must be > 0, got {self.reward_clip}"),
+            (self.save_steps == -1 or self.save_steps >= 1,
+             f"--save-steps must be -1 (never) or >= 1, got {self.save_steps}"),
+            (self.max_ckpt_num >= 1, f"--max-ckpt-num must be >= 1, got {self.max_ckpt_num}"),
+            (not (self.resume and self.overwrite), "--resume continues the run in --output-dir; --overwrite replaces "
+             "it: pick one"),
+            (self.warm_start_steps >= 0, f"--warm-start-steps must be >= 0, got {self.warm_start_steps}"),
             (self.eval_steps >= 1 and self.eval_n_samples >= self.eval_k >= 1,
              "--eval-steps must be >= 1 and --eval-n-samples >= --eval-k >= 1"),
+            (self.ray_num_cpus is None or self.ray_num_cpus >= 1, f"--ray-num-cpus must be >= 1, got {self.ray_num_cpus}"),
+            (self.learner_num_gpus >= 0, f"--learner-num-gpus must be >= 0, got {self.learner_num_gpus}"),
             (self.prompt_data is None or self.reward_func is not None, "--prompt-data needs --reward-func"),
             (self.buffer_capacity is None or self.buffer_capacity >= batch + self.job_samples,
              f"--buffer-capacity must hold a batch plus one generation job ({batch + self.job_samples} samples)"),

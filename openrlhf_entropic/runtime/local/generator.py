@@ -114,7 +114,9 @@ class Rollout:
 
     uid: int
     samples: list[Sample]
-    dropped_nan: int  # samples whose reward was NaN/inf: never trained on
+    dropped_nan: int  # samples whose reward was NaN: never trained on
+    dropped_inf: int  # samples whose reward was +-inf: never trained on
+    clipped_rewards: int  # finite rewards outside [-reward_clip, reward_clip], clipped to it
     seconds: float  # time inside generate
 
 
@@ -147,12 +149,16 @@ class Generator:
         samples = sample_responses(self.model, self.tokenizer, job.rows, run.n_samples_per_prompt, run.temperature,
                                    run.top_p, run.generate_max_len)
         rewards = score_samples(samples, self.reward_fn)
-        kept = [(s, r) for s, r in zip(samples, rewards, strict=True) if math.isfinite(r)]
+        # The rule for bad rewards: NaN and inf drop their sample, finite ones are clipped; all counted.
+        kept = [(s, min(max(r, -run.reward_clip), run.reward_clip)) for s, r in zip(samples, rewards, strict=True)
+                if math.isfinite(r)]
         groups = [[r for s, r in kept if s.group == g] for g in range(len(job.rows))]
         advantages = [a for group in compute_advantages(groups, run.advantage) for a in group]  # `kept` is grouped too
         for (sample, reward), advantage in zip(kept, advantages, strict=True):
             sample.reward, sample.advantage, sample.version, sample.uid = reward, advantage, self.version, job.uid
-        return Rollout(uid=job.uid, samples=[s for s, _ in kept], dropped_nan=len(samples) - len(kept),
+        return Rollout(uid=job.uid, samples=[s for s, _ in kept], dropped_nan=sum(math.isnan(r) for r in rewards),
+                       dropped_inf=sum(math.isinf(r) for r in rewards),
+                       clipped_rewards=sum(math.isfinite(r) and abs(r) > run.reward_clip for r in rewards),
                        seconds=time.perf_counter() - started)
 
     def get_rng_state(self) -> torch.Tensor:

@@ -167,7 +167,8 @@ class Learner:
         """Fresh samples of `rows` from the current weights: true entropy, pass@1 and pass@k (RunMetric keys).
 
         The true entropy is the plain token mean of the current policy's entropy on its own samples.
-        `correct_fn(queries, prompts, labels) -> list[bool]` judges each sample.
+        `correct_fn(queries, prompts, labels)` judges each sample True/False, or None where its reward
+        was NaN/inf: such samples are left out of pass@k, as training leaves them out, and counted.
         """
         from openrlhf_entropic.tasks.data import pass_at_k
 
@@ -177,10 +178,14 @@ class Learner:
         verdicts = correct_fn([s.text for s in samples], [s.prompt for s in samples], [s.label for s in samples])
         batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
         _, entropy = policy_outputs(self.engine.module, batch, run.temperature, run.entropy_chunk_size)
-        correct = [[bool(verdicts[g * n + j]) for j in range(n)] for g in range(len(rows))]
+        groups = [[verdicts[g * n + j] for j in range(n)] for g in range(len(rows))]
+        judged = [[bool(v) for v in group if v is not None] for group in groups]
+        # A prompt with fewer than k judged samples has no pass@k; it is left out (all samples are counted).
+        usable = [group for group in judged if len(group) >= run.eval_k]
         return {RunMetric.EVAL_ENTROPY_TRUE: float(masked_mean(entropy, batch["mask"])),
-                RunMetric.EVAL_PASS_AT_1: pass_at_k(correct, 1), RunMetric.EVAL_PASS_AT_K: pass_at_k(correct, run.eval_k),
-                RunMetric.EVAL_K: run.eval_k}
+                RunMetric.EVAL_PASS_AT_1: pass_at_k(usable, 1) if usable else float("nan"),
+                RunMetric.EVAL_PASS_AT_K: pass_at_k(usable, run.eval_k) if usable else float("nan"),
+                RunMetric.EVAL_K: run.eval_k, RunMetric.EVAL_DROPPED_NAN: sum(v is None for v in verdicts)}
 
     def save(self, directory: str) -> dict:
         """Write this rank's part of a checkpoint; returns the controller state (plain data).

@@ -7,6 +7,7 @@ TensorBoard, checkpoints, summary.json) is described in docs/embedded.md and doc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,9 +25,14 @@ from openrlhf_entropic.runtime.local.buffer import ReplayBuffer, Sample, Stalene
 from openrlhf_entropic.runtime.local.config import RunConfig
 from openrlhf_entropic.runtime.local.generator import Generator, Job, Rollout
 from openrlhf_entropic.runtime.local.learner import Learner
+from openrlhf_entropic.runtime.local.run_dir import COMPLETE_MARK, RunDir
 from openrlhf_entropic.tasks import Task
 
 logger = logging.getLogger(__name__)
+
+# Consecutive generation jobs that returned no usable sample (every reward NaN/inf) before the run
+# stops: a broken reward function must fail with a message, not leave the trainer waiting forever.
+MAX_EMPTY_JOBS = 16
 
 
 def _free_port() -> int:
@@ -41,17 +47,18 @@ class LocalTrainer:
     def __init__(self, run: RunConfig, entropic: EntroPICConfig, task: Task):
         self.config, self.entropic, self.task = run, entropic, task
         self.output_dir = Path(run.output_dir)
+        self.run_dir = RunDir(run.output_dir)
         self.staleness = Staleness(run.max_staleness, run.batch_samples, run.job_samples, run.buffer_capacity)
         self.rng = np.random.default_rng(run.seed)
         self.step = self.version = self.synced_version = self.next_uid = 0
-        self.counters = {RunMetric.DROPPED_NAN: 0, RunMetric.GENERATOR_RESTARTS: 0, RunMetric.REQUEUED_JOBS: 0,
-                         RunMetric.GENERATE_SECONDS: 0.0}
+        self.counters = {RunMetric.DROPPED_NAN: 0, RunMetric.DROPPED_INF: 0, RunMetric.CLIPPED_REWARDS: 0,
+                         RunMetric.GENERATOR_RESTARTS: 0, RunMetric.REQUEUED_JOBS: 0, RunMetric.GENERATE_SECONDS: 0.0}
+        self.empty_jobs = 0  # consecutive jobs without a usable sample
         self.inflight: dict = {}  # ObjectRef -> (job, generator index, generator handle)
         self.requeue: deque[Job] = deque()  # jobs whose generator died, launched again first
         self.consumed_uids: list[int] = []  # job uid of every trained sample, in order (tests check it)
         self.weights_ref = None
-        self.started = time.time()
-        self.evicted_before_resume = 0  # the buffer actor counts from 0 again after a resume
+        self.started = time.time()  # moved back by the resumed run's earlier seconds
 
     # ----- actors -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -60,10 +67,12 @@ class LocalTrainer:
         from torch.utils.tensorboard import SummaryWriter
 
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.writer = SummaryWriter(str(self.output_dir))
+        resume_from = self.run_dir.prepare({"run": dataclasses.asdict(config),
+                                            "entropic": dataclasses.asdict(self.entropic)},
+                                           resume=config.resume, overwrite=config.overwrite)
+        # purge_step: TensorBoard drops the events of steps a resumed run logs again.
+        self.writer = SummaryWriter(str(self.output_dir), purge_step=None if resume_from is None else
+                                    int(resume_from.name.split("_")[1]) + 1)
         if not ray.is_initialized():
             if config.ray_address:
                 ray.init(address=config.ray_address, logging_level=logging.WARNING)
@@ -82,8 +91,8 @@ class LocalTrainer:
         # Wait until every actor is up, so start-up errors surface here and not mid-run.
         ray.get([g.get_rng_state.remote() for g in self.generators] + [r.get_weights.remote() for r in self.learners])
         self._sync()
-        if config.resume and not self.load_checkpoint():
-            logger.warning("--resume: no checkpoint in %s, starting from step 0", self.output_dir)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
 
     def _new_generator(self, index: int):
         import ray
@@ -145,7 +154,15 @@ class LocalTrainer:
                 self.requeue.appendleft(job)
                 continue
             self.counters[RunMetric.DROPPED_NAN] += rollout.dropped_nan
+            self.counters[RunMetric.DROPPED_INF] += rollout.dropped_inf
+            self.counters[RunMetric.CLIPPED_REWARDS] += rollout.clipped_rewards
             self.counters[RunMetric.GENERATE_SECONDS] += rollout.seconds
+            self.empty_jobs = 0 if rollout.samples else self.empty_jobs + 1
+            if self.empty_jobs >= MAX_EMPTY_JOBS:
+                raise RuntimeError(
+                    f"the last {self.empty_jobs} generation jobs gave no usable sample: every reward was NaN or inf "
+                    f"({self.counters[RunMetric.DROPPED_NAN]} NaN and {self.counters[RunMetric.DROPPED_INF]} inf "
+                    "rewards so far). Check the reward function.")
             if rollout.samples:
                 ray.get(self.buffer.put.remote(rollout.samples))
 
@@ -193,7 +210,7 @@ class LocalTrainer:
             RunMetric.STALENESS_MEAN: sum(staleness) / len(staleness),
             RunMetric.STALENESS_MAX: max(staleness),
             RunMetric.SAMPLES_PER_SECOND: len(batch) / seconds,
-            RunMetric.DROPPED_STALE: ray.get(self.buffer.evicted_count.remote()) + self.evicted_before_resume,
+            RunMetric.DROPPED_STALE: ray.get(self.buffer.evicted_count.remote()),
             **self.counters,
             RunMetric.SECONDS: time.time() - self.started,
         }
@@ -211,42 +228,45 @@ class LocalTrainer:
 
     # ----- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_<n>/ and point `latest` at it (contents: docs/embedded.md)."""
+        """Write checkpoints/step_<n>/ atomically and point `latest` at it (contents: docs/embedded.md).
+
+        In-flight generation is collected first, so the replay buffer saved is everything generated
+        so far: an async run resumed from here continues exactly as it would have.
+        """
         import ray
 
-        directory = self.output_dir / "checkpoints" / f"step_{self.step}"
-        directory.mkdir(parents=True, exist_ok=True)
-        learner_state = ray.get([learner.save.remote(str(directory)) for learner in self.learners])[0]
-        torch.save({"generator_rng": ray.get([g.get_rng_state.remote() for g in self.generators])},
-                   directory / "generators.pt")
-        evicted = ray.get(self.buffer.evicted_count.remote()) + self.evicted_before_resume
-        state = {"step": self.step, "version": self.version, "next_uid": self.next_uid, "learner": learner_state,
-                 "counters": {jsonl_key(name): value for name, value in self.counters.items()},
-                 "dropped_stale": evicted, "prompt_rng": self.rng.bit_generator.state}
-        (directory / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
-        (self.output_dir / "checkpoints" / "latest").write_text(directory.name, encoding="utf-8")
-        return directory
+        while self.inflight:
+            self._collect(block=True)
+        with self.run_dir.new_checkpoint(self.step, keep=self.config.max_ckpt_num) as directory:
+            learner_state = ray.get([learner.save.remote(str(directory)) for learner in self.learners])[0]
+            samples, evicted = ray.get(self.buffer.snapshot.remote())
+            torch.save({"generator_rng": ray.get([g.get_rng_state.remote() for g in self.generators]),
+                        "buffer": [dataclasses.asdict(sample) for sample in samples],
+                        "requeue": [dataclasses.asdict(job) for job in self.requeue]}, directory / "rollouts.pt")
+            state = {"step": self.step, "version": self.version, "next_uid": self.next_uid,
+                     "learner": learner_state, "dropped_stale": evicted, "prompt_rng": self.rng.bit_generator.state,
+                     "counters": {jsonl_key(name): value for name, value in self.counters.items()},
+                     "seconds": time.time() - self.started}
+            (directory / COMPLETE_MARK).write_text(json.dumps(state), encoding="utf-8")
+        return self.run_dir.checkpoints / f"step_{self.step}"
 
-    def load_checkpoint(self) -> bool:
-        """Restore the latest checkpoint in --output-dir; False when there is none."""
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore a checkpoint written by `save_checkpoint`: weights, optimizer, controller, buffer, RNGs."""
         import ray
 
-        latest = self.output_dir / "checkpoints" / "latest"
-        if not latest.is_file():
-            return False
-        directory = latest.parent / latest.read_text(encoding="utf-8").strip()
-        state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((directory / COMPLETE_MARK).read_text(encoding="utf-8"))
         ray.get([learner.load.remote(str(directory), state["learner"]) for learner in self.learners])
         self.step, self.version, self.next_uid = state["step"], state["version"], state["next_uid"]
         self.counters.update({TAGS[key]: value for key, value in state["counters"].items()})
-        self.evicted_before_resume = state["dropped_stale"]
         self.rng.bit_generator.state = state["prompt_rng"]
+        self.started = time.time() - state["seconds"]
+        rollouts = torch.load(directory / "rollouts.pt", weights_only=True)
+        ray.get(self.buffer.restore.remote([Sample(**s) for s in rollouts["buffer"]], state["dropped_stale"]))
+        self.requeue = deque(Job(**job) for job in rollouts["requeue"])
         self._sync()
-        generator_rng = torch.load(directory / "generators.pt", weights_only=True)["generator_rng"]
-        if len(generator_rng) == len(self.generators):
-            ray.get([g.set_rng_state.remote(s) for g, s in zip(self.generators, generator_rng, strict=True)])
+        if len(rollouts["generator_rng"]) == len(self.generators):
+            ray.get([g.set_rng_state.remote(s) for g, s in zip(self.generators, rollouts["generator_rng"], strict=True)])
         logger.info("resumed from %s at step %d", directory, self.step)
-        return True
 
     def close(self) -> None:
         """Flush the event file and stop this trainer's actors (the Ray cluster itself stays up)."""
@@ -261,11 +281,10 @@ class LocalTrainer:
         """Set up (unless done), optionally resume, train to --steps with a progress bar, write summary.json."""
         from tqdm import tqdm
 
-        from openrlhf_entropic.reporting.summary import summarize
-
         config = self.config
         if not hasattr(self, "learners"):
             self.setup()
+        interrupted = False
         try:
             with tqdm(total=config.steps, initial=self.step, desc="train", disable=config.no_progress) as bar:
                 while self.step < config.steps:
@@ -273,13 +292,29 @@ class LocalTrainer:
                     bar.update(1)
                     bar.set_postfix(H=f"{row['entropy']:.3f}", alpha=f"{row['alpha']:+.2f}",
                                     R=f"{row['reward_mean']:.2f}")
+        except KeyboardInterrupt:  # keep what is finished: the summary covers the steps logged so far
+            interrupted = True
         finally:
             self.close()
-        rows = [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines() if line]
-        summary = summarize(rows, self.entropic.target_entropy)
-        summary.update(dropped_stale=rows[-1]["dropped_stale"], dropped_nan=self.counters[RunMetric.DROPPED_NAN],
-                       generator_restarts=self.counters[RunMetric.GENERATOR_RESTARTS],
-                       seconds=time.time() - self.started, mode=config.mode, max_staleness=config.max_staleness,
-                       entropic_enable=self.entropic.enable, entropic_mode=self.entropic.mode)
+        summary = self.write_summary(interrupted)
+        if interrupted:
+            raise KeyboardInterrupt
+        return summary
+
+    def write_summary(self, interrupted: bool = False) -> dict:
+        """summary.json from metrics.jsonl (definitions: docs/compare.md), plus this run's settings."""
+        from openrlhf_entropic.reporting.summary import summarize
+
+        config = self.config
+        rows = [json.loads(line) for line in self.run_dir.metrics.read_text().splitlines() if line] \
+            if self.run_dir.metrics.is_file() else []
+        summary = summarize(rows, self.entropic.target_entropy) if rows else {"steps": 0}
+        summary.update(
+            dropped_stale=rows[-1]["dropped_stale"] if rows else 0,
+            **{jsonl_key(name): self.counters[name] for name in (
+                RunMetric.DROPPED_NAN, RunMetric.DROPPED_INF, RunMetric.CLIPPED_REWARDS, RunMetric.GENERATOR_RESTARTS)},
+            dropped_long_prompts=self.task.dropped_prompts, seconds=time.time() - self.started, mode=config.mode,
+            max_staleness=config.max_staleness, entropic_enable=self.entropic.enable,
+            entropic_mode=self.entropic.mode, interrupted=interrupted)
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
