@@ -1,7 +1,8 @@
 """Runs our CLI through OpenRLHF 0.11.2's real `__main__` block on CPU, stopping where `train()` starts Ray.
 
-Shared by the cluster tests: `cli_args(entropic_argv, openrlhf_argv)` returns the hierarchized args
-that OpenRLHF's `train(args)` receives, after a pickle round trip (what Ray does to `strategy.args`).
+Shared by the cluster tests: `launch_args(entropic_argv, openrlhf_argv)` (and the `cli_args` fixture)
+returns the hierarchized args that OpenRLHF's `train(args)` receives, after a pickle round trip
+(what Ray does to `strategy.args`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ class _StopBeforeRay(Exception):
     pass
 
 
-@pytest.fixture
-def cli_args(monkeypatch):
+def launch_args(entropic_argv, openrlhf_argv=OPENRLHF_ARGV):
     """Run our CLI's main() on argv through OpenRLHF's real __main__ block; return the args train() got."""
     import ray
 
@@ -46,13 +46,18 @@ def cli_args(monkeypatch):
     def stop(*args, **kwargs):
         raise _StopBeforeRay
 
-    monkeypatch.setattr(cli, "prepare_openrlhf_args", capture)
-    monkeypatch.setattr(ray, "init", stop)  # train() calls ray.init first: stop there, on CPU
-
-    def run(entropic_argv, openrlhf_argv=OPENRLHF_ARGV):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "prepare_openrlhf_args", capture)
+        # train() calls ray.init first unless Ray is up (a test may have started it): stop there, on CPU.
+        patch.setattr(ray, "is_initialized", lambda: False)
+        patch.setattr(ray, "init", stop)
         with pytest.raises(_StopBeforeRay):
             cli.main([*entropic_argv, *openrlhf_argv])
-        assert len(captured) == 1, "OpenRLHF's __main__ must call hierarchize exactly once"
-        return pickle.loads(pickle.dumps(captured.pop()))  # Ray pickles strategy.args to every actor
+    assert len(captured) == 1, "OpenRLHF's __main__ must call hierarchize exactly once"
+    return pickle.loads(pickle.dumps(captured.pop()))  # Ray pickles strategy.args to every actor
 
-    return run
+
+@pytest.fixture
+def cli_args():
+    """`launch_args` as a fixture."""
+    return launch_args

@@ -34,10 +34,11 @@ Every other flag is passed unchanged to OpenRLHF 0.11.2's {OPENRLHF_MODULE}
 
 With --entropic.enable, this launcher also:
   * sets --actor.entropy_coef 0 (OpenRLHF's "log only" value) when it is unset, so that the actor
-    forward computes the policy entropy the controller measures;
+    forward returns the policy entropy the controller measures (computed in chunks of
+    --entropic.entropy_chunk_size rows, without gradient);
   * with --train.async_enable and --entropic.estimator importance_weighted, asks vLLM for the
     sampling log-probs (is_correction_level token) but keeps your policy loss as it was
-    (is_correction_level off stays off in the loss).
+    (is_correction_level off stays off in the loss, with your gating, mode and threshold).
 """
 
 
@@ -84,7 +85,7 @@ def _set_what_entropic_needs(args, config: EntroPICConfig) -> bool:
     estimate_only = False
     if args.actor.entropy_coef is None:
         args.actor.entropy_coef = 0.0
-        print("[EntroPIC] --actor.entropy_coef 0 (log only): the actor forward now returns the entropy")
+        print("[EntroPIC] --actor.entropy_coef 0 (log only): the actor forward returns the entropy, without gradient")
     if config.estimator == "importance_weighted":
         if args.train.async_enable and args.algo.advantage.is_correction_level == "off":
             # OpenRLHF requests vLLM log-probs (logprobs=1, logprobs_mode=processed_logprobs) only

@@ -1,24 +1,24 @@
 """The EntroPIC policy actor for OpenRLHF 0.11.2: OpenRLHF's training step, plus the EntroPIC step and term.
 
-OpenRLHF's `PolicyLoss` stays the loss (clipping, IS correction, normalization); we add the EntroPIC
-term and update the controller once per optimizer step from the entropy OpenRLHF's actor forward
-already computes. Imports openrlhf: only Ray workers and the CPU tests import this module.
+EntroPIC is handed to OpenRLHF's own `PolicyLoss` as advantages (`entropic_advantages`), so its IS
+correction, GSPO ratio, log-ratio clamp, dual clip and loss normalization (dynamic batching too)
+apply to the EntroPIC part exactly as to the base loss. Imports openrlhf: only Ray workers and the
+CPU tests import this module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import ray
 import torch
+import torch.distributed as dist
+from openrlhf.models import Actor, PolicyLoss
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
-from openrlhf_entropic.entropic import (
-    EntroPICConfig,
-    EntroPICStep,
-    Metric,
-    all_reduce_sum,
-    entropic_policy_loss,
-    masked_mean,
-)
+from openrlhf_entropic.entropic import EntroPICConfig, EntroPICStep, Metric, entropy_from_logits, masked_mean
+from openrlhf_entropic.entropic.loss import entropic_advantages
 
 from . import ClusterConfig, swap_names
 
@@ -26,19 +26,54 @@ from . import ClusterConfig, swap_names
 CONTROLLER_STATE_KEY = "entropic_controller"
 
 
-class EntroPICPolicyLoss:
-    """OpenRLHF's `PolicyLoss` plus EntroPIC's term; called exactly like `PolicyLoss.forward`.
+def data_parallel_sum(group):
+    """A `reduce_fn` summing a [n] tensor over `group` (None = all ranks; identity without torch.distributed).
 
-    The term is `entropic_policy_loss(..., term_only=True)` on the same tensors: exactly 0 at alpha = 0, and for `high_prob` the
-    official `alpha * mean_M(-ratio * |A|)`. It is a token mean over this micro-batch; OpenRLHF's base
-    loss keeps its own normalization.
+    Ring-attention and tensor-parallel ranks of one data-parallel rank hold the same micro-batch, so
+    the controller sums over the data-parallel group only, or its token and ESS totals are inflated.
     """
 
-    def __init__(self, base_loss: torch.nn.Module, config: EntroPICConfig) -> None:
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            return values
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        summed = values.detach().to(device=device, dtype=torch.float64).clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        return summed.to(values.device)
+
+    return reduce
+
+
+def dp_group(strategy):
+    """The data-parallel process group of OpenRLHF's (dp, sp, tp) device mesh; None (all ranks) without one."""
+    mesh = getattr(strategy, "ds_device_mesh", None)  # set by strategy.setup_distributed
+    return mesh["dp"].get_group() if mesh is not None else None
+
+
+class EntroPICPolicyLoss:
+    """OpenRLHF's `PolicyLoss` with EntroPIC's weights; called exactly like `PolicyLoss.forward`.
+
+    all_tokens / covariance: the base loss on the reweighted advantages w_t * A. high_prob: the base
+    loss plus `term_loss` (a `PolicyLoss` with the same settings and no clipping) on the bonus
+    advantages, which is the official alpha * mean_M(-ratio * |A|). At alpha = 0 it is the base loss.
+    """
+
+    def __init__(self, base_loss: PolicyLoss, config: EntroPICConfig, reduce_fn=None) -> None:
         self.base_loss = base_loss
         self.config = config
-        # all_reduce_sum is the identity when torch.distributed is not initialized.
-        self.entropic = EntroPICStep(config, reduce_fn=all_reduce_sum)
+        self.entropic = EntroPICStep(config, reduce_fn=reduce_fn or data_parallel_sum(None))
+        # The official high_prob term uses the unclipped ratio: infinite eps, no dual clip.
+        self.term_loss = PolicyLoss(
+            clip_eps_low=math.inf,
+            clip_eps_high=math.inf,
+            dual_clip=None,
+            token_level_loss=base_loss.token_level_loss,
+            policy_loss_type=base_loss.policy_loss_type,
+            is_correction_level=base_loss.is_correction_level,
+            is_correction_mode=base_loss.is_correction_mode,
+            is_correction_gating=base_loss.is_correction_gating,
+            is_correction_threshold=base_loss.is_correction_threshold,
+        )
         self.update_before_next_loss = False  # set by the trainer on the first micro-batch of a step
         self.forward_entropy: torch.Tensor | None = None  # [batch, seq - 1] from the last training forward
         self.metrics: dict[str, tuple[float | torch.Tensor, str | None]] = {}
@@ -57,15 +92,7 @@ class EntroPICPolicyLoss:
         rollout_log_probs: torch.Tensor | None = None,
         **normalization,
     ):
-        """Same inputs and outputs as `PolicyLoss.forward` ([batch, response] tensors); the loss gains the term."""
-        base_loss, *rest = self.base_loss(
-            log_probs,
-            old_log_probs,
-            advantages,
-            action_mask=action_mask,
-            rollout_log_probs=rollout_log_probs,
-            **normalization,
-        )
+        """Same inputs and outputs as `PolicyLoss.forward` ([batch, response] tensors); the loss gains EntroPIC."""
         if self.forward_entropy is None:
             raise RuntimeError(
                 "EntroPIC got no entropy from the actor forward. The actor must run with return_entropy "
@@ -81,35 +108,57 @@ class EntroPICPolicyLoss:
             self.entropic.update(entropy, log_probs, behavior_log_probs, mask)
             self.update_before_next_loss = False
 
-        term, loss_metrics = entropic_policy_loss(
+        alpha = self.entropic.alpha
+        clipped_advantages, bonus, adjusted = entropic_advantages(
             log_probs,
-            old_log_probs,
             advantages,
             mask,
-            self.entropic.alpha,
+            alpha,
             mode=self.config.mode,
             high_prob_threshold=self.config.high_prob_threshold,
-            clip_eps_low=self.base_loss.clip_eps_low,
-            clip_eps_high=self.base_loss.clip_eps_high,
-            dual_clip=self.base_loss.dual_clip,
             token_level=self.base_loss.token_level_loss,
             entropy=entropy,
-            term_only=True,
         )
+        if alpha == 0.0:
+            clipped_advantages, bonus = advantages, None  # exactly OpenRLHF's loss
+        inputs = dict(action_mask=action_mask, rollout_log_probs=rollout_log_probs, **normalization)
+        loss, *rest = self.base_loss(log_probs, old_log_probs, clipped_advantages, **inputs)
+        if bonus is not None:
+            loss = loss + self.term_loss(log_probs, old_log_probs, bonus, **inputs)[0]
         # For OpenRLHF's status, as (value, weight): "token" = token mean over ranks, None = as is.
         self.metrics = {name: (value, None) for name, value in self.entropic.metrics().items()}
         self.metrics[Metric.ENTROPY] = (masked_mean(entropy, mask), "token")
-        self.metrics[Metric.ADJUSTED_FRACTION] = (loss_metrics["adjusted_fraction"], "token")
-        return (base_loss + term, *rest)
+        self.metrics[Metric.ADJUSTED_FRACTION] = (masked_mean(adjusted, mask), "token")
+        return (loss, *rest)
+
+
+@contextlib.contextmanager
+def loss_level_view(args, cluster: ClusterConfig):
+    """While open, `args` shows the user's own IS-correction level when the launcher changed it.
+
+    The launcher sets `is_correction_level token` only so that vLLM returns sampling log-probs for the
+    estimate. `PolicyLoss.__init__` validates gating and mode against the level, so it must be built
+    from the user's `off`, or a valid `off` setting (e.g. gating binary_kl) fails at start-up.
+    """
+    advantage = args.algo.advantage
+    launcher_level = advantage.is_correction_level
+    if cluster.rollout_log_probs_for_estimate_only:
+        advantage.is_correction_level = "off"
+    try:
+        yield
+    finally:
+        advantage.is_correction_level = launcher_level
 
 
 class EntroPICActorPPOTrainer(ActorPPOTrainer):
     """OpenRLHF's actor trainer with EntroPIC's loss and controller (a no-op when EntroPIC is off)."""
 
     def __init__(self, strategy, *args, **kwargs) -> None:
-        super().__init__(strategy, *args, **kwargs)
+        cluster = ClusterConfig.from_args(strategy.args)
+        with loss_level_view(strategy.args, cluster):
+            super().__init__(strategy, *args, **kwargs)
         self.entropic_config = EntroPICConfig.from_args(self.args)
-        cluster = ClusterConfig.from_args(self.args)
+        self.entropy_chunk_size = cluster.entropy_chunk_size
         self.entropic_loss: EntroPICPolicyLoss | None = None
         if not self.entropic_config.enable:
             return
@@ -118,9 +167,8 @@ class EntroPICActorPPOTrainer(ActorPPOTrainer):
                 "EntroPIC needs the actor forward's entropy: set --actor.entropy_coef (0 = log only), "
                 "or launch with python -m openrlhf_entropic.cli.train_ppo_ray, which does that for you."
             )
-        if cluster.rollout_log_probs_for_estimate_only:
-            self.actor_loss_fn.is_correction_level = "off"  # the user's setting; vLLM log-probs feed the estimate only
-        self.entropic_loss = EntroPICPolicyLoss(self.actor_loss_fn, self.entropic_config)
+        reduce_fn = data_parallel_sum(dp_group(strategy))
+        self.entropic_loss = EntroPICPolicyLoss(self.actor_loss_fn, self.entropic_config, reduce_fn)
         self.actor_loss_fn = self.entropic_loss
         self.actor.register_forward_hook(self.entropic_loss.keep_entropy)
 
@@ -129,11 +177,29 @@ class EntroPICActorPPOTrainer(ActorPPOTrainer):
         if self.entropic_loss is None:
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
         self.entropic_loss.update_before_next_loss = self._starts_optimizer_step(step)
-        status = super().training_step(experience, kl_ctl, step, loss_batch_info)
+        with self._entropy_for_measurement_only():
+            status = super().training_step(experience, kl_ctl, step, loss_batch_info)
         for name, (value, weight) in self.entropic_loss.metrics.items():
             status["metrics"][name] = value
             status["weights"][name] = weight
         return status
+
+    def _entropy_for_measurement_only(self):
+        """With entropy_coef 0 (log only) the entropy takes no gradient: compute it in chunks without autograd.
+
+        OpenRLHF's `compute_entropy` builds an autograd graph over fp32 [batch, seq, vocab] softmax
+        copies, held until the step ends, though the loss never uses it. Its name is swapped in the
+        actor module for the step, so packing and ring-attention gathering stay OpenRLHF's.
+        A nonzero entropy_coef (a real entropy bonus) keeps OpenRLHF's differentiable one.
+        """
+        if self.args.actor.entropy_coef != 0:
+            return contextlib.nullcontext()
+        chunk_size = self.entropy_chunk_size
+
+        def measured_entropy(logits: torch.Tensor) -> torch.Tensor:  # [batch, seq, vocab] -> [batch, seq]
+            return entropy_from_logits(logits.detach(), chunk_size=chunk_size)
+
+        return swap_names(Actor.forward.__globals__, compute_entropy=measured_entropy)
 
     def _starts_optimizer_step(self, step: int) -> bool:
         """Whether micro-batch `step` (counted from 0 in each epoch of ppo_train) opens an optimizer step."""

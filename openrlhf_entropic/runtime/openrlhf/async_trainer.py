@@ -1,8 +1,10 @@
 """Staleness for OpenRLHF's async trainer (`--train.async_enable`): weight versions, metrics, dropping.
 
-OpenRLHF does not record which weights generated a sample, so we count weight broadcasts (the policy
-version) inside its own vLLM lock and tag every sample with it; the trainer logs staleness and drops
-samples older than `--entropic.max_staleness`. Imports openrlhf: see `actor.py`.
+OpenRLHF does not record which weights generated a sample, so we count the broadcasts that bring new
+actor weights (the policy version) inside its own vLLM lock, and tag each sample with the version at
+the moment vLLM generates it (not when it is handed over: surplus samples wait in a buffer). The
+trainer logs staleness and drops samples older than `--entropic.max_staleness`. Imports openrlhf:
+see `actor.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ray
 import torch
 from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, PPOTrainerAsync, TrainingActor, VLLMLock
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 from openrlhf.utils.logging_utils import init_logger
 
 from openrlhf_entropic.reporting.metrics import RunMetric
@@ -59,40 +62,53 @@ class VersionedVLLMLock(VLLMLock.__ray_actor_class__):
         return self._version
 
 
-class _VersionTaggingSamplesGenerator:
-    """Wraps OpenRLHF's SamplesGenerator: each generated sample gets the weight version that made it."""
+class VersionTaggingSamplesGenerator(SamplesGenerator):
+    """OpenRLHF's SamplesGenerator; every sample gets `info["policy_version"]` when vLLM generates it.
 
-    def __init__(self, samples_generator, vllm_lock) -> None:
-        self._samples_generator = samples_generator
-        self._vllm_lock = vllm_lock
+    With --rollout.vllm_generate_batch_size > --rollout.batch_size, one vLLM call makes several
+    batches and the surplus waits in `_sample_buffer`: those samples keep the version they were made by.
+    """
 
-    def generate_samples(self, **generate_kwargs):
-        # GenerateSamplesActor.fit calls this while holding the vLLM lock, so no broadcast can run in between.
-        version = ray.get(self._vllm_lock.version.remote())
-        samples, *rest = self._samples_generator.generate_samples(**generate_kwargs)
-        for sample in samples:
+    vllm_lock = None  # the VersionedVLLMLock, set by the actor that builds this generator
+
+    def _generate_vllm(self, *args, **kwargs):
+        # Runs inside GenerateSamplesActor.fit's hold of the vLLM lock, so no broadcast lands meanwhile.
+        # (With --train.partial_rollout_enable there is no lock: the version is the one generation began with.)
+        version = ray.get(self.vllm_lock.version.remote())
+        experiences, *rest = super()._generate_vllm(*args, **kwargs)
+        for sample in experiences:
             sample.info[POLICY_VERSION] = torch.full((len(sample.prompts),), version, dtype=torch.long)
-        return (samples, *rest)
-
-    def __getattr__(self, name):
-        return getattr(self._samples_generator, name)
+        return (experiences, *rest)
 
 
 @ray.remote
 class VersionTaggingGenerateSamplesActor(GenerateSamplesActor.__ray_actor_class__):
-    """OpenRLHF's async generator; its samples carry `info["policy_version"]`."""
+    """OpenRLHF's async generator, building the version-tagging SamplesGenerator."""
 
     def __init__(self, *args, vllm_lock, **kwargs) -> None:
-        super().__init__(*args, vllm_lock=vllm_lock, **kwargs)
-        self.samples_generator = _VersionTaggingSamplesGenerator(self.samples_generator, vllm_lock)
+        build = super().__init__
+        with swap_names(build.__func__.__globals__, SamplesGenerator=VersionTaggingSamplesGenerator):
+            build(*args, vllm_lock=vllm_lock, **kwargs)
+        self.samples_generator.vllm_lock = vllm_lock
 
 
 class _CountWeightBroadcasts(BasePPOTrainer):
     # Sits between TrainingActor and BasePPOTrainer in the MRO: TrainingActor.broadcast_to_vllm takes the
     # vLLM lock and then calls super(), so this bump happens inside the lock, right after the new weights land.
+    # Only broadcasts after an actor update count: with --critic.freezing_steps the actor is frozen for
+    # the first steps while OpenRLHF still broadcasts its unchanged weights every step.
+    actor_changed = True  # the first broadcast (on resume) loads the checkpoint's weights into vLLM
+
+    def ppo_train(self, global_steps: int) -> dict:
+        status = super().ppo_train(global_steps)
+        self.actor_changed |= "policy_loss" in status  # the actor's fit ran at least one training step
+        return status
+
     def broadcast_to_vllm(self) -> None:
         super().broadcast_to_vllm()
-        ray.get(self.vllm_lock.bump_version.remote())
+        if self.actor_changed:
+            ray.get(self.vllm_lock.bump_version.remote())
+            self.actor_changed = False
 
 
 @ray.remote
@@ -103,6 +119,7 @@ class StalenessAwareTrainingActor(TrainingActor.__ray_actor_class__, _CountWeigh
         super().__init__(*args, **kwargs)
         self.max_staleness = ClusterConfig.from_args(self.args).max_staleness
         self.dropped_stale_total = 0
+        self.trained_last_batch = True
 
     def train_step(self, rollout_samples, global_step: int):
         # Only this actor bumps the version, so reading it here (outside the lock) is exact.
@@ -111,13 +128,21 @@ class StalenessAwareTrainingActor(TrainingActor.__ray_actor_class__, _CountWeigh
         kept, dropped, metrics = keep_fresh(rollout_samples, staleness, self.max_staleness)
         self.dropped_stale_total += dropped
         metrics[RunMetric.DROPPED_STALE] = float(self.dropped_stale_total)
+        self.trained_last_batch = bool(kept)
         if not kept:
-            # No update: log the drop at the same global step; the weights and step count stay as they are.
+            # No update: the weights and step count stay, and save_logs_and_checkpoints skips this batch
+            # (TrainingActor.fit calls it anyway). The running drop count is logged with the next step.
             logger.warning(f"EntroPIC: dropped {dropped} samples staler than {self.max_staleness} policy versions")
             return metrics, global_step
         status, global_step = super().train_step(kept, global_step)
         status.update(metrics)
         return status, global_step
+
+    def save_logs_and_checkpoints(self, global_step: int, logs_dict=None, client_states=None) -> None:
+        # A batch dropped whole leaves global_step where it was: logging or saving it again would
+        # repeat the previous step's entry and checkpoint.
+        if self.trained_last_batch:
+            super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
 
 
 @ray.remote
