@@ -176,6 +176,13 @@ def test_single_node_scripts_submit_a_valid_run(script, env, expected, run_scrip
     assert args.logger.tensorboard_dir and args.ckpt.load_enable
 
 
+@pytest.mark.parametrize("script", ["train_entropic_onpolicy.sh", "train_grpo_baseline.sh"])
+def test_actor_dual_clip_is_the_official_entropic_setting(script, run_script, cli_args):
+    """The official EntroPIC run uses dual clip 3.0; the baseline gets the same, so the runs differ in EntroPIC only."""
+    (argv,) = _submitted(run_script(script))
+    assert cli_args(argv, []).actor.dual_clip == 3.0
+
+
 def test_async_entropic_script_bounds_staleness_and_keeps_the_loss(run_script, cli_args):
     (argv,) = _submitted(run_script("train_entropic_offpolicy_async.sh", MAX_STALENESS="2"))
     args = cli_args(argv, [])

@@ -4,8 +4,8 @@
 # `openrlhf_entropic.cli.train_ppo_ray` module name are OpenRLHF 0.11.2's own plus our --entropic.*.
 #
 # Defaults follow the EntroPIC paper's on-policy math run where one 8-GPU node allows it
-# (Qwen3-8B-Base, GRPO advantages, lr 1e-6, temperature 0.6, 8 samples per prompt; the paper used
-# 512 prompts per step, ROLLOUT_PROMPTS below is smaller to fit one node).
+# (Qwen3-8B-Base, GRPO advantages, lr 1e-6, temperature 0.6, 8 samples per prompt, dual clip 3.0;
+# the paper used 512 prompts per step, ROLLOUT_PROMPTS below is smaller to fit one node).
 
 : "${DATASET:?set DATASET to a JSONL/parquet file (or HF dataset) of math prompts with a prompt and an answer column}"
 MODEL=${MODEL:-Qwen/Qwen3-8B-Base}
@@ -37,6 +37,8 @@ GRPO_FLAGS=(
   --reward.remote_url examples/python/math_reward_func.py
   --algo.advantage.estimator group_norm
   --algo.kl.init_coef 0
+  # Dual-clip PPO at 3.0, as the official EntroPIC run: a negative-advantage token's loss is capped at 3|A|.
+  --actor.dual_clip 3.0
   --rollout.batch_size "$ROLLOUT_PROMPTS"
   --rollout.n_samples_per_prompt "$SAMPLES_PER_PROMPT"
   --rollout.temperature 0.6
