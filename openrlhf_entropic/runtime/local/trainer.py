@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import socket
 import time
 from collections import deque
@@ -33,6 +34,30 @@ logger = logging.getLogger(__name__)
 # Consecutive generation jobs that returned no usable sample (every reward NaN/inf) before the run
 # stops: a broken reward function must fail with a message, not leave the trainer waiting forever.
 MAX_EMPTY_JOBS = 16
+
+
+def _core_plan(config: RunConfig) -> tuple[list, list]:
+    """CPU cores for each learner and each generator (None = not pinned).
+
+    On-policy, generation and training take turns, so every actor may use every core. Async, they
+    run at once: generators and learners get disjoint cores, so the overlap is real and not two
+    thread pools fighting over the same cores. GPU learners and a joined cluster are left unpinned.
+    """
+    learners, generators = config.num_learners, config.num_generators
+    cores = sorted(os.sched_getaffinity(0))
+    if config.ray_address or config.learner_num_gpus > 0:
+        return [None] * learners, [None] * generators
+    if config.mode == "on_policy" or len(cores) < 2:
+        return [cores] * learners, [cores] * generators
+    split = max(1, len(cores) // 2)
+    generator_cores, learner_cores = cores[:split], cores[split:]
+    return ([_share(learner_cores, rank, learners) for rank in range(learners)],
+            [_share(generator_cores, index, generators) for index in range(generators)])
+
+
+def _share(cores: list[int], index: int, count: int) -> list[int]:
+    """Actor `index` of `count`'s part of `cores` (round-robin; actors share cores when there are fewer cores)."""
+    return cores[index::count] if count <= len(cores) else [cores[index % len(cores)]]
 
 
 def _free_port() -> int:
@@ -81,15 +106,16 @@ class LocalTrainer:
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(self.staleness)
         port = _free_port()
+        self.learner_cores, self.generator_cores = _core_plan(config)
         learner_cls = ray.remote(num_cpus=0, num_gpus=config.learner_num_gpus)(Learner)
         self.learners = [
             learner_cls.remote(rank, config.num_learners, port, self.task.model_factory, config, self.entropic,
-                               config.seed)
+                               self.learner_cores[rank])
             for rank in range(config.num_learners)
         ]
         self.generators = [self._new_generator(index) for index in range(config.num_generators)]
         # Wait until every actor is up, so start-up errors surface here and not mid-run.
-        ray.get([g.get_rng_state.remote() for g in self.generators] + [r.get_weights.remote() for r in self.learners])
+        ray.get([g.ready.remote() for g in self.generators] + [r.get_weights.remote() for r in self.learners])
         self._sync()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -97,9 +123,8 @@ class LocalTrainer:
     def _new_generator(self, index: int):
         import ray
 
-        seed = self.config.seed + 1000 * (index + 1) + 7919 * self.counters[RunMetric.GENERATOR_RESTARTS]
         generator = ray.remote(num_cpus=0)(Generator).remote(self.task.model_factory, self.task.reward_fn, self.config,
-                                                            seed)
+                                                            self.generator_cores[index])
         if self.weights_ref is not None:
             generator.load_weights.remote(self.weights_ref, self.synced_version)
         return generator
@@ -215,7 +240,8 @@ class LocalTrainer:
             RunMetric.SECONDS: time.time() - self.started,
         }
         if self.step % self.config.eval_steps == 0 or self.step == self.config.steps:
-            metrics.update(ray.get(self.learners[0].evaluate.remote(self.task.eval_rows, self.task.correct_fn)))
+            metrics.update(ray.get(self.learners[0].evaluate.remote(self.task.eval_rows, self.task.correct_fn,
+                                                                    seed=self.config.seed * 1_000_003 - self.step)))
         row = {"step": self.step, **{jsonl_key(name): value for name, value in metrics.items()}}
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -240,8 +266,7 @@ class LocalTrainer:
         with self.run_dir.new_checkpoint(self.step, keep=self.config.max_ckpt_num) as directory:
             learner_state = ray.get([learner.save.remote(str(directory)) for learner in self.learners])[0]
             samples, evicted = ray.get(self.buffer.snapshot.remote())
-            torch.save({"generator_rng": ray.get([g.get_rng_state.remote() for g in self.generators]),
-                        "buffer": [dataclasses.asdict(sample) for sample in samples],
+            torch.save({"buffer": [dataclasses.asdict(sample) for sample in samples],
                         "requeue": [dataclasses.asdict(job) for job in self.requeue]}, directory / "rollouts.pt")
             state = {"step": self.step, "version": self.version, "next_uid": self.next_uid,
                      "learner": learner_state, "dropped_stale": evicted, "prompt_rng": self.rng.bit_generator.state,
@@ -264,8 +289,6 @@ class LocalTrainer:
         ray.get(self.buffer.restore.remote([Sample(**s) for s in rollouts["buffer"]], state["dropped_stale"]))
         self.requeue = deque(Job(**job) for job in rollouts["requeue"])
         self._sync()
-        if len(rollouts["generator_rng"]) == len(self.generators):
-            ray.get([g.set_rng_state.remote(s) for g, s in zip(self.generators, rollouts["generator_rng"], strict=True)])
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def close(self) -> None:
