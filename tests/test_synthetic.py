@@ -64,3 +64,19 @@ def test_behavior_log_probs_match_the_learner_policy():
     tmask = truncated["mask"].bool()
     assert (truncated["behavior_log_probs"][tmask] >= full[tmask] - 1e-6).all()
     assert (truncated["behavior_log_probs"][tmask] > full[tmask] + 1e-3).any()
+
+
+def test_the_loss_forward_measures_the_same_entropy_as_a_separate_no_grad_pass():
+    # Why the learner may read the controller's entropy from the forward its loss uses: the values
+    # are the very ones a separate no-grad measuring pass gives, so the run's numbers do not move.
+    tokenizer = synthetic.build_tokenizer()
+    model = synthetic.build_model(tokenizer, seed=5)
+    rows = synthetic.make_prompts()[0][:8]
+    batch = collate(sample_responses(HFEngine(model, tokenizer), tokenizer, rows, 4, 1.0, 1.0, 3, seed=1),
+                    tokenizer.pad_token_id)
+    model.train()
+    with_grad = policy_outputs(model, batch, 0.8, 1024)
+    with torch.no_grad():
+        without_grad = policy_outputs(model, batch, 0.8, 1024)
+    assert with_grad[0].requires_grad
+    assert torch.equal(with_grad[0].detach(), without_grad[0]) and torch.equal(with_grad[1], without_grad[1])

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, EntroPICConfig
     """Parse flags, apply the preset, and reject impossible combinations with a message."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    preset = PRESETS[args.preset or RunConfig.preset]
+    preset = PRESETS[args.preset or ("countdown" if args.task == "countdown" else "embedded")]
     if args.max_staleness is None:
         args.max_staleness = 4 if args.mode == "async" else 0
     run = dataclass_from_args(RunConfig, args, overrides=preset["run"])
@@ -80,17 +80,18 @@ def build_task(args: RunConfig) -> Task:
     Prompts the model cannot read are refused, and prompts longer than --prompt-max-len are dropped
     and counted, here, before any actor starts.
     """
-    from openrlhf_entropic.tasks import synthetic
+    from openrlhf_entropic.tasks import countdown, synthetic
 
+    builtin = countdown if args.task == "countdown" else synthetic  # same functions, another task
     if args.pretrain:
         factory = functools.partial(load_pretrained, args.pretrain)
     else:
-        cache = args.warm_start_cache or str(synthetic.DEFAULT_CACHE)
-        factory = functools.partial(synthetic.load_warm_model, cache, seed=0, steps=args.warm_start_steps)
+        cache = args.warm_start_cache or str(builtin.DEFAULT_CACHE)
+        factory = functools.partial(builtin.load_warm_model, cache, seed=0, steps=args.warm_start_steps)
     model, tokenizer = factory()  # for the embedded model: the warm start, once, so the actors only read the cache
     if args.prompt_data is None:
-        train_rows, eval_rows = synthetic.make_prompts()
-        reward_fn, correct_fn = synthetic.reward_func, synthetic.is_correct
+        train_rows, eval_rows = builtin.make_prompts()
+        reward_fn, correct_fn = builtin.reward_func, builtin.is_correct
     else:
         from openrlhf_entropic.tasks.data import load_prompts
 
@@ -127,8 +128,8 @@ def _readable_prompts(tokenizer, limit: int, args: RunConfig, *splits: list[dict
             ids = tokenizer(row["prompt"])["input_ids"]
             if unknown_id is not None and args.pretrain is None and unknown_id in ids:
                 raise ValueError(f"{args.prompt_data or 'the prompts'}: {name} row {number} has words the embedded "
-                                 f"model does not know ({row['prompt'][:60]!r}); its vocabulary is the synthetic "
-                                 "task's. Pass --pretrain DIR with a model and tokenizer for your data.")
+                                 f"model does not know ({row['prompt'][:60]!r}); its vocabulary is the --task "
+                                 f"{args.task} one. Pass --pretrain DIR with a model and tokenizer for your data.")
             if len(ids) > limit:
                 dropped += 1
                 continue

@@ -22,6 +22,11 @@ class RunMetric:
     SAMPLES_PER_SECOND = "perf/samples_per_second"
     GENERATE_SECONDS = "perf/generate_seconds"
     TRAIN_SECONDS = "perf/train_seconds"
+    FORWARD_SECONDS = "perf/forward_seconds"  # learner rank 0, this step: forwards (measuring pass included)
+    BACKWARD_SECONDS = "perf/backward_seconds"
+    OPTIMIZER_SECONDS = "perf/optimizer_seconds"
+    WAIT_SECONDS = "perf/wait_seconds"  # driver, this step: blocked until the buffer held a batch
+    SYNC_SECONDS = "perf/sync_seconds"  # driver, this step: weight sync (learner -> object store -> generators)
     SECONDS = "perf/seconds"
     EVAL_ENTROPY_TRUE = "eval/entropy_true"
     EVAL_PASS_AT_1 = "eval/pass_at_1"

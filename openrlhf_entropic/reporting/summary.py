@@ -76,7 +76,29 @@ def summarize(rows: list[dict], target_entropy: float, eval_rows: list[dict] | N
         "steps": len(rows),
         "evaluations": len(eval_rows),
         "skipped_values": dict(sorted(skipped.items())),
+        **step_time_breakdown(rows),
     }
+
+
+# Per-step times the embedded runtime logs; generate_seconds is cumulative, the others per step.
+STEP_TIMES = ("wait_seconds", "forward_seconds", "backward_seconds", "optimizer_seconds", "sync_seconds",
+              "train_seconds")
+
+
+def step_time_breakdown(rows: list[dict]) -> dict[str, float]:
+    """Mean seconds per step over the second half, as "time_<key>": where a step's time goes.
+
+    Only keys every row of the second half logs; a run that logs none (e.g. OpenRLHF's) adds nothing.
+    """
+    half = rows[len(rows) // 2:]
+    if not half:
+        return {}
+    times = {f"time_{key}": _mean([row[key] for row in half]) for key in STEP_TIMES
+             if all(is_finite(row.get(key)) for row in half)}
+    before = rows[len(rows) // 2 - 1] if len(rows) > 1 else None
+    if before is not None and all(is_finite(row.get("generate_seconds")) for row in (before, half[-1])):
+        times["time_generate_seconds"] = (half[-1]["generate_seconds"] - before["generate_seconds"]) / len(half)
+    return times
 
 
 def tracking_error(values: list[float], target: float, window: int) -> float | None:

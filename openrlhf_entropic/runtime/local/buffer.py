@@ -109,6 +109,19 @@ class ReplayBuffer:
             sample.staleness = learner_version - sample.version
         return batch
 
+    def take_shards(self, count: int, learner_version: int, shards: int) -> tuple:
+        """`take`, split into `shards` equal lists (one per learner), after a small summary for the driver.
+
+        Returns (summary, shard_0, ..., shard_{shards-1}); the summary holds the batch's "uid",
+        "staleness" and "reward" lists. Called with num_returns = 1 + shards, each shard travels to its
+        learner by reference and the samples never pass through the driver.
+        """
+        batch = self.take(count, learner_version)
+        size = count // shards
+        summary = {"uid": [s.uid for s in batch], "staleness": [s.staleness for s in batch],
+                   "reward": [s.reward for s in batch]}
+        return (summary, *(batch[rank * size:(rank + 1) * size] for rank in range(shards)))
+
     def size(self) -> int:
         """Samples held now, usable or not yet evicted."""
         return len(self.samples)

@@ -103,6 +103,7 @@ class Rollout:
     dropped_inf: int  # samples whose reward was +-inf: never trained on
     clipped_rewards: int  # finite rewards outside [-reward_clip, reward_clip], clipped to it
     seconds: float  # time inside generate
+    sync_seconds: float  # time loading weights since the generator's previous rollout
 
 
 def build_engine(kind: str, model, tokenizer, num_threads: int):
@@ -137,6 +138,7 @@ class Generator:
         self.reward_fn = reward_fn
         self.run = run
         self.version = 0
+        self.sync_seconds = 0.0
 
     def ready(self) -> bool:
         """True once the engine is up (the trainer waits for it, so start-up errors surface early)."""
@@ -144,7 +146,9 @@ class Generator:
 
     def load_weights(self, state_dict: dict, version: int) -> int:
         """Load the learner's weights (a dict of tensors) in place and record their policy version."""
+        started = time.perf_counter()
         self.engine.load_weights(state_dict)
+        self.sync_seconds += time.perf_counter() - started
         self.version = version
         return version
 
@@ -168,4 +172,8 @@ class Generator:
         return Rollout(uid=job.uid, samples=[s for s, _ in kept], dropped_nan=sum(math.isnan(r) for r in rewards),
                        dropped_inf=sum(math.isinf(r) for r in rewards),
                        clipped_rewards=sum(math.isfinite(r) and abs(r) > run.reward_clip for r in rewards),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, sync_seconds=self._take_sync_seconds())
+
+    def _take_sync_seconds(self) -> float:
+        seconds, self.sync_seconds = self.sync_seconds, 0.0
+        return seconds

@@ -1,4 +1,4 @@
-"""Learner actors: DeepSpeed ZeRO-2 data-parallel training with the EntroPIC step and loss.
+"""Learner actors: DeepSpeed data-parallel training with the EntroPIC step and loss.
 
 Each of `--num-learners` Ray actors is one data-parallel rank (gloo on CPU, NCCL on GPU). Per
 optimizer step the `EntroPICStep` measures the current policy's entropy on the mini-batch and sets
@@ -90,7 +90,7 @@ class Learner:
             "train_micro_batch_size_per_gpu": micro,
             "gradient_accumulation_steps": mini // (micro * world_size),
             "gradient_clipping": run.max_norm,
-            "zero_optimization": {"stage": 2},
+            "zero_optimization": {"stage": run.zero_stage if run.zero_stage is not None else 2 * (world_size > 1)},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
@@ -119,13 +119,25 @@ class Learner:
         batch = {k: v.to(self.engine.device) for k, v in collate(samples, self.tokenizer.pad_token_id).items()}
         micro = run.micro_train_batch_size
         local_mini = run.train_batch_size // self.world_size
+        # One micro-batch per optimizer step: the controller reads the entropy of the very forward
+        # the loss uses (alpha does not change the forward). Otherwise a no-grad pass measures the
+        # whole mini-batch first, so that alpha is set before its first backward.
+        single_forward = micro == local_mini
         measured = torch.zeros(4, dtype=torch.float64)  # over all ranks: sums of H * n, H_iw * n, ESS, n
         trained = torch.zeros(3, dtype=torch.float64)  # on this rank: sums of loss, clip and adjusted fractions
+        seconds = dict.fromkeys((RunMetric.FORWARD_SECONDS, RunMetric.BACKWARD_SECONDS, RunMetric.OPTIMIZER_SECONDS),
+                                0.0)
         updates = 0
         for _ in range(run.max_epochs):
             for start in range(0, len(samples), local_mini):
                 mini = _rows(batch, slice(start, start + local_mini))
-                log_probs, entropy = self._measure(mini)
+                clock = time.perf_counter()
+                if single_forward:
+                    outputs = policy_outputs(self.engine, mini, run.temperature, run.entropy_chunk_size)
+                    log_probs, entropy = outputs[0].detach(), outputs[1]
+                else:
+                    log_probs, entropy = self._measure(mini)
+                seconds[RunMetric.FORWARD_SECONDS] += time.perf_counter() - clock
                 alpha = self.entropic.update(entropy, log_probs, mini["behavior_log_probs"], mini["mask"])
                 step = self.entropic
                 measured += torch.tensor([step.entropy * step.tokens, step.estimate * step.tokens, step.ess,
@@ -133,13 +145,21 @@ class Learner:
                 updates += 1
                 for i in range(0, local_mini, micro):
                     part = _rows(mini, slice(i, i + micro))
-                    log_probs, entropy = policy_outputs(self.engine, part, run.temperature, run.entropy_chunk_size)
+                    clock = time.perf_counter()
+                    if not single_forward:
+                        outputs = policy_outputs(self.engine, part, run.temperature, run.entropy_chunk_size)
+                    log_probs, entropy = outputs
                     loss, loss_metrics = entropic_policy_loss(
                         log_probs, part["behavior_log_probs"], part["advantages"], part["mask"], alpha,
                         mode=config.mode, high_prob_threshold=config.high_prob_threshold,
                         clip_eps_low=run.eps_clip, clip_eps_high=run.eps_clip, entropy=entropy)
+                    backward_start = time.perf_counter()
+                    seconds[RunMetric.FORWARD_SECONDS] += backward_start - clock
                     self.engine.backward(loss)
+                    optimizer_start = time.perf_counter()
+                    seconds[RunMetric.BACKWARD_SECONDS] += optimizer_start - backward_start
                     self.engine.step()
+                    seconds[RunMetric.OPTIMIZER_SECONDS] += time.perf_counter() - optimizer_start
                     trained += torch.tensor([float(loss.detach()), float(loss_metrics["clip_fraction"]),
                                              float(loss_metrics["adjusted_fraction"])], dtype=torch.float64) * (
                         micro / local_mini)
@@ -156,10 +176,11 @@ class Learner:
             **{name: controller[name] for name in (Metric.ALPHA, Metric.P_TERM, Metric.I_TERM, Metric.ENTROPY_TARGET,
                                                    Metric.NONFINITE_SKIPPED)},
             RunMetric.TRAIN_SECONDS: time.perf_counter() - started,
+            **seconds,
         }
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the full weights (ZeRO-2 keeps full parameters on every rank)."""
+        """A CPU copy of the full weights (ZeRO stages 0-2 keep full parameters on every rank)."""
         return {name: tensor.detach().cpu().clone() for name, tensor in self.engine.module.state_dict().items()}
 
     @torch.no_grad()
@@ -189,11 +210,15 @@ class Learner:
                 RunMetric.EVAL_PASS_AT_K: pass_at_k(usable, run.eval_k) if usable else float("nan"),
                 RunMetric.EVAL_K: run.eval_k, RunMetric.EVAL_DROPPED_NAN: sum(v is None for v in verdicts)}
 
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW inside DeepSpeed's ZeRO wrapper (stages 1-2), or DeepSpeed's optimizer itself (stage 0)."""
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+
     def save(self, directory: str) -> dict:
         """Write this rank's part of a checkpoint; returns the controller state (plain data).
 
-        Rank 0 writes model.safetensors; every rank writes its ZeRO-2 optimizer partition and RNG
-        state to optim_rank<r>.pt (tensors and plain containers only, read with weights_only=True).
+        Rank 0 writes model.safetensors; every rank writes its optimizer state (its ZeRO partition) and
+        RNG state to optim_rank<r>.pt (tensors and plain containers only, read with weights_only=True).
         """
         from safetensors.torch import save_file
 
@@ -202,7 +227,7 @@ class Learner:
             weights = {k: v.contiguous() for k, v in self.get_weights().items() if k != "lm_head.weight" or
                        not self.engine.module.config.tie_word_embeddings}
             save_file(weights, str(path / "model.safetensors"))
-        torch.save({"optimizer": self.engine.optimizer.optimizer.state_dict(), "rng": torch.get_rng_state()},
+        torch.save({"optimizer": self._torch_optimizer().state_dict(), "rng": torch.get_rng_state()},
                    path / f"optim_rank{self.rank}.pt")
         return {"controller": self.entropic.state_dict(), "version": self.version}
 
@@ -212,9 +237,10 @@ class Learner:
 
         path = Path(directory)
         self.engine.module.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-        self.engine.optimizer.refresh_fp32_params()  # ZeRO keeps an fp32 master copy of the weights
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):  # ZeRO keeps an fp32 master copy of the weights
+            self.engine.optimizer.refresh_fp32_params()
         saved = torch.load(path / f"optim_rank{self.rank}.pt", weights_only=True)
-        self.engine.optimizer.optimizer.load_state_dict(saved["optimizer"])
+        self._torch_optimizer().load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])
         self.entropic.load_state_dict(state["controller"])
         self.version = state["version"]

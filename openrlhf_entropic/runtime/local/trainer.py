@@ -79,6 +79,7 @@ class LocalTrainer:
         self.counters = {RunMetric.DROPPED_NAN: 0, RunMetric.DROPPED_INF: 0, RunMetric.CLIPPED_REWARDS: 0,
                          RunMetric.GENERATOR_RESTARTS: 0, RunMetric.REQUEUED_JOBS: 0, RunMetric.GENERATE_SECONDS: 0.0}
         self.empty_jobs = 0  # consecutive jobs without a usable sample
+        self.step_sync_seconds = 0.0  # generators' weight loads reported during this step
         self.inflight: dict = {}  # ObjectRef -> (job, generator index, generator handle)
         self.requeue: deque[Job] = deque()  # jobs whose generator died, launched again first
         self.consumed_uids: list[int] = []  # job uid of every trained sample, in order (tests check it)
@@ -182,6 +183,7 @@ class LocalTrainer:
             self.counters[RunMetric.DROPPED_INF] += rollout.dropped_inf
             self.counters[RunMetric.CLIPPED_REWARDS] += rollout.clipped_rewards
             self.counters[RunMetric.GENERATE_SECONDS] += rollout.seconds
+            self.step_sync_seconds += rollout.sync_seconds
             self.empty_jobs = 0 if rollout.samples else self.empty_jobs + 1
             if self.empty_jobs >= MAX_EMPTY_JOBS:
                 raise RuntimeError(
@@ -208,33 +210,40 @@ class LocalTrainer:
                                        f"and the buffer capacity ({self.staleness.capacity}) allows no new job")
                 self._collect(block=True)
                 self._fill(pending_train=0)
-            batch = ray.get(self.buffer.take.remote(config.batch_samples, self.version))
+            waited = time.perf_counter() - started
+            summary, *shards = self.buffer.take_shards.options(num_returns=1 + config.num_learners).remote(
+                config.batch_samples, self.version, config.num_learners)
             self._fill(pending_train=1)  # async: generators keep working while the learners train
-            shard = config.batch_samples // config.num_learners
-            results = ray.get([learner.train_step.remote(batch[rank * shard:(rank + 1) * shard])
-                               for rank, learner in enumerate(self.learners)])
+            results = ray.get([learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards,
+                                                                                          strict=True)])
             if len({result[Metric.ALPHA] for result in results}) != 1:  # the all-reduce must keep ranks identical
                 raise RuntimeError(f"learner ranks disagree on alpha: {[r[Metric.ALPHA] for r in results]}")
+            summary = ray.get(summary)
             self.version += 1
             self.step += 1
-            self.consumed_uids.extend(sample.uid for sample in batch)
+            self.consumed_uids.extend(summary["uid"])
             if self.version % config.sync_every == 0:
                 self._sync()
             self._collect(block=False)
-            rows.append(self._log(results[0], batch, time.perf_counter() - started))
+            timing = {RunMetric.WAIT_SECONDS: waited, RunMetric.SYNC_SECONDS: self.step_sync_seconds}
+            self.step_sync_seconds = 0.0
+            rows.append(self._log({**results[0], **timing}, summary, time.perf_counter() - started))
         return rows
 
-    def _log(self, metrics: dict[str, float], batch: list[Sample], seconds: float) -> dict:
-        """Write one step to metrics.jsonl (keys after the slash) and TensorBoard (full names); checkpoint if due."""
+    def _log(self, metrics: dict[str, float], batch: dict[str, list], seconds: float) -> dict:
+        """Write one step to metrics.jsonl (keys after the slash) and TensorBoard (full names); checkpoint if due.
+
+        `batch` is the buffer's summary of the step's samples: their "uid", "staleness" and "reward" lists.
+        """
         import ray
 
-        staleness = [sample.staleness for sample in batch]
+        staleness = batch["staleness"]
         metrics = {
             **metrics,
-            RunMetric.REWARD_MEAN: sum(s.reward for s in batch) / len(batch),
+            RunMetric.REWARD_MEAN: sum(batch["reward"]) / len(staleness),
             RunMetric.STALENESS_MEAN: sum(staleness) / len(staleness),
             RunMetric.STALENESS_MAX: max(staleness),
-            RunMetric.SAMPLES_PER_SECOND: len(batch) / seconds,
+            RunMetric.SAMPLES_PER_SECOND: len(staleness) / seconds,
             RunMetric.DROPPED_STALE: ray.get(self.buffer.evicted_count.remote()),
             **self.counters,
             RunMetric.SECONDS: time.time() - self.started,
