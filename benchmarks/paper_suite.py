@@ -36,7 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from openrlhf_entropic.cli.compare import LOG_TAIL_LINES, format_stats, git_commit, summarize_run, write_report
+from openrlhf_entropic.cli.compare import (
+    LOG_TAIL_LINES,
+    comma_list,
+    format_stats,
+    git_commit,
+    summarize_run,
+    write_report,
+)
 
 # The countdown preset's H* (0.4) is half its target_start (0.8), the warm-start entropy it measured;
 # the cells of claims 3-6 use that half, so they are the claim-2 cells of fraction 0.5.
@@ -568,13 +575,6 @@ def _duration(seconds: float | None) -> str:
 # Command line.
 
 
-def _comma_list(kind):
-    def parse(text: str) -> list:
-        return [kind(item.strip()) for item in text.split(",") if item.strip()]
-
-    parse.__name__ = f"comma-separated {kind.__name__}"
-    return parse
-
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The suite's flags, and the flags after `--` that pass through to every training run."""
@@ -586,14 +586,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                      epilog="Flags after `--` go to every `cli.train` run.")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/paper_suite"),
                         help="Runs, claim reports and results.md go here (default: runs/paper_suite).")
-    parser.add_argument("--seeds", type=_comma_list(int), default=[0, 1, 2], help="Comma-separated (default 0,1,2).")
+    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="Comma-separated (default 0,1,2).")
     parser.add_argument("--steps", type=int, default=300, help="Training steps per run (default 300).")
-    parser.add_argument("--claims", type=_comma_list(int), default=[claim.number for claim in CLAIMS],
+    parser.add_argument("--claims", type=comma_list(int), default=[claim.number for claim in CLAIMS],
                         help="Comma-separated claim numbers to run (default: all, 1-6).")
     parser.add_argument("--warm-start-entropy", type=float, default=0.8,
                         help="Entropy (nats) of the countdown warm start; the targets are fractions of it and "
                         "ramp from it (default 0.8, the countdown preset's target_start).")
-    parser.add_argument("--target-fractions", type=_comma_list(float), default=[0.25, MAIN_FRACTION, 1.0],
+    parser.add_argument("--target-fractions", type=comma_list(float), default=[0.25, MAIN_FRACTION, 1.0],
                         help="Claim 2's targets as fractions of --warm-start-entropy (default 0.25,0.5,1.0). "
                         f"Claims 3-6 use {MAIN_FRACTION}.")
     parser.add_argument("--dry-run", action="store_true", help="Print the cells and commands; run nothing.")

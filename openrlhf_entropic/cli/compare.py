@@ -598,7 +598,7 @@ def _config_markdown(cells: dict[str, dict], commit: str) -> list[str]:
     return lines
 
 
-def _comma_list(kind):
+def comma_list(kind):
     """argparse type for "a,b,c"; its name makes argparse say "invalid comma-separated int value"."""
 
     def parse(text: str) -> list:
@@ -624,7 +624,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument(
         "--seeds",
-        type=_comma_list(int),
+        type=comma_list(int),
         default=None,
         help="Comma-separated seeds, e.g. 0,1,2 (default: 0).",
     )
@@ -632,7 +632,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="K of the async cells (default 4; on-policy cells use 0).")
     parser.add_argument(
         "--modes",
-        type=_comma_list(str),
+        type=comma_list(str),
         default=None,
         help=f"Ablation: one EntroPIC cell per loss mode, from {','.join(LOSS_MODES)}; "
         "default: one EntroPIC cell with the preset's mode.",

@@ -16,8 +16,6 @@ as Python and returns False on any malformed input.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import os
 import random
@@ -398,28 +396,18 @@ def warm_start(model, tokenizer, train_rows: list[dict], steps: int = 300, lr: f
 
 
 def load_warm_model(cache_dir: str | Path, seed: int = 0, steps: int = 300, lr: float = 4e-3):
-    """Return (model, tokenizer) after the warm start, cached as safetensors under `cache_dir`.
+    """Return (model, tokenizer) after the warm start, cached under `cache_dir` (see `cached_warm_start`).
 
-    The cache key hashes the model config, the task's ranges and the warm-start settings, so a
-    changed setting never loads a stale file; the write is atomic (tmp file, then rename).
+    The cache key also holds the task's ranges, so a change of the prompt set never loads stale weights.
     """
-    from safetensors.torch import load_file, save_file
+    from openrlhf_entropic.tasks import cached_warm_start
 
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
-    key = json.dumps({"task": "countdown", "model": MODEL_CONFIG, "seed": seed, "steps": steps, "lr": lr,
-                      "batch": WARM_BATCH_SIZE, "numbers": NUMBER_MAX, "targets": TARGET_MAX, "sizes": SET_SIZES,
-                      "train": NUM_TRAIN})
-    path = Path(cache_dir) / f"countdown_warm_start_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
-    if path.exists():
-        model.load_state_dict(load_file(path), strict=False)  # tied lm_head is not stored separately
-        model.eval()
-        return model, tokenizer
-    train_rows, _ = make_prompts()
-    warm_start(model, tokenizer, train_rows, steps=steps, lr=lr, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
-               if name != "lm_head.weight"}, str(tmp))
-    tmp.replace(path)  # atomic: a concurrent run never reads half a file
-    return model, tokenizer
+    def build():
+        tokenizer = build_tokenizer()
+        return build_model(tokenizer, seed=seed), tokenizer
+
+    settings = {"task": "countdown", "model": MODEL_CONFIG, "seed": seed, "steps": steps, "lr": lr,
+                "batch": WARM_BATCH_SIZE, "numbers": NUMBER_MAX, "targets": TARGET_MAX, "sizes": SET_SIZES,
+                "train": NUM_TRAIN}
+    return cached_warm_start(cache_dir, "countdown_warm_start", settings, build, lambda model, tokenizer: warm_start(
+        model, tokenizer, make_prompts()[0], steps=steps, lr=lr, seed=seed))

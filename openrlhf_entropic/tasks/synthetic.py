@@ -13,9 +13,7 @@ a config, and prompts from a fixed seed (an eval split of whole letter sets is h
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import random
 from pathlib import Path
@@ -126,26 +124,13 @@ def warm_start(model, tokenizer, train_rows: list[dict], steps: int = 150, lr: f
 
 
 def load_warm_model(cache_dir: str | Path, seed: int = 0, steps: int = 150, lr: float = 3e-3):
-    """Return (model, tokenizer) after the warm start, cached as safetensors under `cache_dir`.
+    """Return (model, tokenizer) after the warm start, cached under `cache_dir` (see `cached_warm_start`)."""
+    from openrlhf_entropic.tasks import cached_warm_start
 
-    The cache key hashes the model config and warm-start settings, so runs of one compare share it
-    and a changed setting never loads a stale file.
-    """
-    from safetensors.torch import load_file, save_file
+    def build():
+        tokenizer = build_tokenizer()
+        return build_model(tokenizer, seed=seed), tokenizer
 
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed)
-    key = json.dumps({"model": MODEL_CONFIG, "seed": seed, "steps": steps, "lr": lr, "letters": LETTERS})
-    path = Path(cache_dir) / f"warm_start_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
-    if path.exists():
-        model.load_state_dict(load_file(path), strict=False)  # tied lm_head is not stored separately
-        model.eval()
-        return model, tokenizer
-    train_rows, _ = make_prompts()
-    warm_start(model, tokenizer, train_rows, steps=steps, lr=lr, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()
-               if name != "lm_head.weight"}, str(tmp))
-    tmp.replace(path)  # atomic: a concurrent run never reads half a file
-    return model, tokenizer
+    settings = {"model": MODEL_CONFIG, "seed": seed, "steps": steps, "lr": lr, "letters": LETTERS}
+    return cached_warm_start(cache_dir, "warm_start", settings, build, lambda model, tokenizer: warm_start(
+        model, tokenizer, make_prompts()[0], steps=steps, lr=lr, seed=seed))
