@@ -41,6 +41,12 @@ MODULE = "openrlhf_entropic.cli.train_ppo_ray"
 
 
 @pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)
+def test_no_script_stops_every_ray_cluster_on_the_host(path):
+    # `ray stop` kills all Ray processes of the machine, other users' clusters included.
+    assert not re.search(r"\bray stop\b", path.read_text()), f"{path.name} runs `ray stop`"
+
+
+@pytest.mark.parametrize("path", SHELL_FILES, ids=lambda p: p.name)
 def test_shell_file_parses(path):
     result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -61,8 +61,16 @@ with open(work / "prompts.jsonl", "w") as file:
         file.write(json.dumps({"prompt": prompt, "answer": str(2 * a + 1)}) + "\n")
 EOF
 
-ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --num-gpus "$GPUS"
-trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
+# Our own cluster, under its own temp dir, so that the cleanup stops exactly it (the ray CLI's stop
+# command would kill every Ray cluster on the host, other users'. A short path: Ray's sockets live there.)
+RAY_TMP=$(mktemp -d /tmp/ray_smoke.XXXXXX)
+ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --num-gpus "$GPUS" --temp-dir "$RAY_TMP"
+stop_our_ray() {
+  pkill -TERM -f -- "$RAY_TMP" 2>/dev/null || true
+  sleep 3
+  pkill -KILL -f -- "$RAY_TMP" 2>/dev/null || true
+}
+trap stop_our_ray EXIT
 
 # 12 prompts, 4 per step: 3 steps. Everything small enough for one GPU.
 COMMON=(
