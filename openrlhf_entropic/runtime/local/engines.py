@@ -189,17 +189,19 @@ class WeightSyncExtension:
         return len(weights)
 
 
-class _ExpectedReloadWarnings(logging.Filter):
-    """Drop vLLM's "<layer>: Failed to load weights" for the two layers that get none on a reload.
+class _ExpectedWarnings(logging.Filter):
+    """Drop vLLM warnings that this engine makes happen on purpose, so that real ones stand out.
 
-    Rotary embeddings have no weights, and the tied output head is skipped by vLLM and repacked by
-    `WeightSyncExtension`; a warning for each on every sync would bury real ones.
+    On every weight sync: "<layer>: Failed to load weights" for rotary embeddings (they have no
+    weights) and the tied output head (vLLM skips it; `WeightSyncExtension` repacks it). At start:
+    a chat-template warm-up traceback, because the engine runs without a tokenizer (token ids only).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.endswith("Failed to load weights")
-                    and message.split(":")[0] in ("RotaryEmbedding", "ParallelLMHead"))
+        reload_skip = message.endswith("Failed to load weights") and message.split(":")[0] in (
+            "RotaryEmbedding", "ParallelLMHead")
+        return not (reload_skip or message.startswith("Chat template warmup failed"))
 
 
 class VLLMEngine:
@@ -247,7 +249,8 @@ class VLLMEngine:
             from vllm import envs as vllm_envs
         except ImportError as error:
             raise ImportError(VLLM_INSTALL_HINT) from error
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
+        for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.renderers.base"):
+            logging.getLogger(name).addFilter(_ExpectedWarnings())
 
         _check_cpu_head_dim(model.config)
         self.eos_token_id, _ = _special_ids(model, tokenizer)
