@@ -159,15 +159,23 @@ class LocalTrainer:
         return Job(uid=self.next_uid, rows=[rows[i] for i in picks])
 
     def _collect(self, block: bool) -> None:
-        """Move finished jobs into the buffer; a job whose generator died is re-queued, the actor restarted."""
+        """Move finished jobs into the buffer (`block`: wait for the oldest); a job whose generator died is
+        re-queued and the actor restarted."""
         import ray
         from ray.exceptions import RayActorError
 
         if not self.inflight:
             return
-        ready, _ = ray.wait(list(self.inflight), num_returns=1 if block else len(self.inflight),
-                            timeout=None if block else 0)
-        for ref in ready:
+        # Results enter the buffer in launch order, which is what the launch rule counted on: a job
+        # put behind a later one would be trained later and could exceed K. (ray.wait keeps no order.)
+        launched = list(self.inflight)
+        if block:
+            ray.wait(launched[:1])
+        ready, _ = ray.wait(launched, num_returns=len(launched), timeout=0)
+        ready = set(ready)
+        for ref in launched:
+            if ref not in ready:
+                break
             job, index, handle = self.inflight.pop(ref)
             try:
                 rollout: Rollout = ray.get(ref)
@@ -177,7 +185,7 @@ class LocalTrainer:
                     self.counters[RunMetric.GENERATOR_RESTARTS] += 1
                     self.generators[index] = self._new_generator(index)
                 self.counters[RunMetric.REQUEUED_JOBS] += 1
-                self.requeue.appendleft(job)
+                self.requeue.append(job)  # launched again first, in launch order
                 continue
             self.counters[RunMetric.DROPPED_NAN] += rollout.dropped_nan
             self.counters[RunMetric.DROPPED_INF] += rollout.dropped_inf
