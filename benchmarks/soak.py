@@ -5,7 +5,7 @@
 It runs the same async EntroPIC run twice, with the same seed:
 - the reference, uninterrupted, sampling the resident memory of its whole process tree (driver,
   Ray and every actor) as it goes: memory growth per 1000 steps is the slope over the second half;
-- the soak run, killed (the driver with SIGKILL, its process group with it) at random moments
+- the soak run, killed (the driver with SIGKILL, its process group with it) at a random step
   `--kills` times and resumed with `--resume` each time.
 A resumed run must continue exactly (the replay buffer is saved, in-flight jobs are collected at
 each checkpoint, and every job is sampled with its own seed), so every step of the soak run must
@@ -86,7 +86,11 @@ def soak_run(output_dir: Path, steps: int, kills: int, rng: random.Random) -> di
             process = subprocess.Popen(train_command(output_dir, steps, resume), stdout=subprocess.DEVNULL,
                                        stderr=log, start_new_session=True)
             if attempt < kills:
-                time.sleep(rng.uniform(20, 60))  # start-up and some training, then a kill at a random moment
+                # A random step of this attempt's share of the run, then a kill at that moment.
+                start = logged_steps(output_dir)
+                kill_at = start + rng.randint(1, max(1, (steps - start) // (kills - attempt + 1)))
+                while process.poll() is None and logged_steps(output_dir) < kill_at:
+                    time.sleep(0.05)
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
                     process.wait()
@@ -120,7 +124,8 @@ def main() -> None:
     steps_logged = [row["step"] for row in soaked]
     differing = [row["step"] for row, ref in zip(soaked, reference, strict=False)
                  if any(abs(row[key] - ref[key]) > 1e-5 for key in COMPARED)]
-    half = [(step, rss) for step, rss in memory if step >= args.steps // 2]
+    # While training (not start-up or shutdown), over the second half of the steps.
+    half = [(step, rss) for step, rss in memory if args.steps // 2 <= step < args.steps]
     growth = None
     if len(half) > 1 and half[-1][0] > half[0][0]:
         growth = (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0]) * 1000
