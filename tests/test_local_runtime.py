@@ -176,3 +176,28 @@ def test_ctrl_c_prints_one_line_keeps_what_is_finished_and_exits_130(cache, tmp_
     assert "[train] interrupted" in stderr and "Traceback" not in stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["steps"] == len(rows_of(run_dir)) >= 2
+
+
+def test_killing_the_driver_with_sigkill_leaves_no_ray_process_behind(cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "openrlhf_entropic.cli.train", "--output-dir", str(run_dir), "--warm-start-cache",
+               cache, "--warm-start-steps", "30", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
+               "--train-batch-size", "16", "--micro-train-batch-size", "16", "--steps", "5000", "--no-progress",
+               "--mode", "async", "--max-staleness", "2"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(0.5)
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    assert len(ray_processes) >= 4, "expected the driver's Ray cluster (GCS, raylet, actors) below it"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, f"left behind after the driver's kill: {[p.name() for p in alive]}"

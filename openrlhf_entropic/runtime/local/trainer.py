@@ -36,6 +36,39 @@ logger = logging.getLogger(__name__)
 MAX_EMPTY_JOBS = 16
 
 
+# Run by a watcher process: while the driver lives, note its descendants (the Ray cluster it started);
+# once it is gone, kill those. Ray's own processes outlive a driver killed with SIGKILL (measured:
+# GCS, raylet, agents and actors still up 37 s later), and actor workers rename themselves, so they
+# cannot be found by command line afterwards.
+_WATCHER = """
+import os, sys, time, psutil
+driver = psutil.Process(int(sys.argv[1]))
+known = []
+while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+    try:
+        known = driver.children(recursive=True) or known
+    except psutil.Error:
+        break
+    time.sleep(0.5)
+for process in known:
+    if process.pid == os.getpid():
+        continue
+    try:
+        process.kill()  # psutil checks the creation time: a reused pid is never hit
+    except psutil.Error:
+        pass
+"""
+
+
+def _stop_ray_when_this_process_dies() -> None:
+    """Start the watcher above for the Ray cluster this process just started (and only that one)."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", _WATCHER, str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _core_plan(config: RunConfig) -> tuple[list, list]:
     """CPU cores for each learner and each generator (None = not pinned).
 
@@ -105,6 +138,7 @@ class LocalTrainer:
             else:
                 ray.init(num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                _stop_ray_when_this_process_dies()
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(self.staleness)
         port = _free_port()
         self.learner_cores, self.generator_cores = _core_plan(config)
