@@ -8,6 +8,7 @@ all run for real, on a tiny random-initialized Llama in a DeepSpeed engine on CP
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -22,7 +23,7 @@ from openrlhf.models import Actor, PolicyLoss
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
 
-from openrlhf_entropic.entropic import EntroPICConfig, Metric, importance_weighted_entropy, masked_mean
+from openrlhf_entropic.entropic import EntroPICConfig, Metric, all_reduce_sum, importance_weighted_entropy, masked_mean
 from openrlhf_entropic.reporting.metrics import RunMetric
 from openrlhf_entropic.runtime.openrlhf import ClusterConfig
 from openrlhf_entropic.runtime.openrlhf import actor as entropic_actor
@@ -719,7 +720,8 @@ def _ess_on_a_tensor_parallel_pair(rank, port, results):
     mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("dp", "sp", "tp"))
     strategy = type("Strategy", (), {"ds_device_mesh": mesh})()
     loss_fn = EntroPICPolicyLoss(
-        PolicyLoss(), EntroPICConfig(enable=True), entropic_actor.data_parallel_sum(entropic_actor.dp_group(strategy))
+        PolicyLoss(), EntroPICConfig(enable=True),
+        functools.partial(all_reduce_sum, group=entropic_actor.dp_group(strategy)),
     )
     log_probs, old, rollout, _, mask, entropy = _random_batch()
     loss_fn.entropic.update(entropy[:, -mask.shape[1] :], log_probs.detach(), rollout, mask.float())

@@ -16,20 +16,22 @@ from .config import EntroPICConfig
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum `values` [n] over all data-parallel ranks (torch.distributed, any backend).
+def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `values` [n] over the ranks of `group` (None: all ranks; torch.distributed, any backend).
 
     Pass it as `reduce_fn` so that every rank feeds the controller the same token-weighted
-    entropy and therefore holds the same integral and alpha.
+    entropy and therefore holds the same integral and alpha. Where ranks besides data-parallel
+    ones share a batch (tensor or sequence parallel), pass the data-parallel group, or the sums
+    count that batch several times.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
     # NCCL needs the tensor on the rank's GPU; gloo takes CPU tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else values.device
     summed = values.detach().to(device=device, dtype=torch.float64).clone()
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
     return summed.to(values.device)
 
 

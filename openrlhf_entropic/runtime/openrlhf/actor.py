@@ -9,15 +9,22 @@ CPU tests import this module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import ray
 import torch
-import torch.distributed as dist
 from openrlhf.models import Actor, PolicyLoss
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
-from openrlhf_entropic.entropic import EntroPICConfig, EntroPICStep, Metric, entropy_from_logits, masked_mean
+from openrlhf_entropic.entropic import (
+    EntroPICConfig,
+    EntroPICStep,
+    Metric,
+    all_reduce_sum,
+    entropy_from_logits,
+    masked_mean,
+)
 from openrlhf_entropic.entropic.loss import entropic_advantages
 
 from . import ClusterConfig, swap_names
@@ -26,26 +33,12 @@ from . import ClusterConfig, swap_names
 CONTROLLER_STATE_KEY = "entropic_controller"
 
 
-def data_parallel_sum(group):
-    """A `reduce_fn` summing a [n] tensor over `group` (None = all ranks; identity without torch.distributed).
+def dp_group(strategy):
+    """The data-parallel process group of OpenRLHF's (dp, sp, tp) device mesh; None (all ranks) without one.
 
     Ring-attention and tensor-parallel ranks of one data-parallel rank hold the same micro-batch, so
-    the controller sums over the data-parallel group only, or its token and ESS totals are inflated.
+    the controller sums over this group only, or its token and ESS totals are inflated.
     """
-
-    def reduce(values: torch.Tensor) -> torch.Tensor:
-        if not (dist.is_available() and dist.is_initialized()):
-            return values
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-        summed = values.detach().to(device=device, dtype=torch.float64).clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-        return summed.to(values.device)
-
-    return reduce
-
-
-def dp_group(strategy):
-    """The data-parallel process group of OpenRLHF's (dp, sp, tp) device mesh; None (all ranks) without one."""
     mesh = getattr(strategy, "ds_device_mesh", None)  # set by strategy.setup_distributed
     return mesh["dp"].get_group() if mesh is not None else None
 
@@ -61,7 +54,7 @@ class EntroPICPolicyLoss:
     def __init__(self, base_loss: PolicyLoss, config: EntroPICConfig, reduce_fn=None) -> None:
         self.base_loss = base_loss
         self.config = config
-        self.entropic = EntroPICStep(config, reduce_fn=reduce_fn or data_parallel_sum(None))
+        self.entropic = EntroPICStep(config, reduce_fn=reduce_fn or all_reduce_sum)
         # The official high_prob term uses the unclipped ratio: infinite eps, no dual clip.
         self.term_loss = PolicyLoss(
             clip_eps_low=math.inf,
@@ -167,7 +160,7 @@ class EntroPICActorPPOTrainer(ActorPPOTrainer):
                 "EntroPIC needs the actor forward's entropy: set --actor.entropy_coef (0 = log only), "
                 "or launch with python -m openrlhf_entropic.cli.train_ppo_ray, which does that for you."
             )
-        reduce_fn = data_parallel_sum(dp_group(strategy))
+        reduce_fn = functools.partial(all_reduce_sum, group=dp_group(strategy))
         self.entropic_loss = EntroPICPolicyLoss(self.actor_loss_fn, self.entropic_config, reduce_fn)
         self.actor_loss_fn = self.entropic_loss
         self.actor.register_forward_hook(self.entropic_loss.keep_entropy)
