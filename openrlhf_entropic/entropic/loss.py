@@ -2,8 +2,9 @@
 
 Every mode reweights positive-advantage and negative-advantage tokens by alpha; with alpha > 0
 positives weigh more and entropy falls, with alpha < 0 negatives weigh more and it rises.
-The embedded runtime trains on the whole loss; the cluster runtime adds the term alone
-(`term_only=True`) to OpenRLHF's own PolicyLoss.
+The embedded runtime trains on `entropic_policy_loss`; the cluster runtime hands EntroPIC to
+OpenRLHF's own PolicyLoss as advantages (`entropic_advantages`), so OpenRLHF's clipping, IS
+correction and normalization apply to it too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
     As in OpenRLHF, log r is clamped to [-20, 20] and a token beyond it gets no gradient, so one
     absurd ratio cannot turn the loss into inf or NaN.
     Inputs [batch, seq] except advantages and coefficients ([batch, 1] or [batch, seq]) and scale
-    (0-dim or [batch]); coefficients or bonus may be None (= 0).
+    (0-dim or [batch]); bonus may be None (= 0).
     Returns (loss 0-dim, clipped [batch]: response tokens per row whose gradient was clipped away).
     """
 
@@ -42,7 +43,7 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
         bounded = torch.where(advantages > 0, upper, lower)
         clipped = (bounded != ratio) & (advantages != 0)  # an A = 0 token has no gradient to clip
         clipped_per_row = torch.linalg.vecdot(clipped.to(mask.dtype).expand_as(mask), mask)
-        objective = torch.zeros_like(ratio) if coefficients is None else bounded.mul_(coefficients)
+        objective = bounded.mul_(coefficients)
         if bonus is not None:
             objective.addcmul_(ratio, bonus)
         loss = -(torch.linalg.vecdot(objective, mask) * scale).sum()
@@ -54,7 +55,7 @@ class _ClippedSurrogateLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_clipped):
         ratio, clipped, saturated, coefficients, bonus, mask, scale = ctx.saved_tensors
-        grad = torch.zeros_like(ratio) if coefficients is None else torch.where(clipped, 0.0, coefficients)
+        grad = torch.where(clipped, 0.0, coefficients)
         if bonus is not None:
             grad = grad + bonus
         row_scale = -grad_loss * scale
@@ -161,7 +162,6 @@ def entropic_policy_loss(
     dual_clip: float | None = None,
     token_level: bool = True,
     entropy: torch.Tensor | None = None,
-    term_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO loss with EntroPIC coefficients. alpha = 0 is the plain PPO loss.
 
@@ -175,8 +175,7 @@ def entropic_policy_loss(
                   [batch, seq]. A likelier-than-typical token (log p > -H_t) with A > 0, or a
                   rarer one with A < 0, lowers entropy: those get 1 + alpha.
     Aggregation: token mean over the batch (token_level) or mean over non-empty sequences of each
-    sequence's token mean. `term_only` returns the EntroPIC term alone, loss(alpha) - loss(0) in one
-    pass (exactly 0 at alpha = 0), for a runtime that adds it to its own PPO loss.
+    sequence's token mean.
     Returns (loss 0-dim, metrics: adjusted_fraction and clip_fraction, 0-dim detached tensors).
     """
     alpha = _validate(mode, alpha, entropy)
@@ -187,7 +186,7 @@ def entropic_policy_loss(
         log_probs, advantages, mask, alpha, mode, high_prob_threshold, token_level, entropy
     )
     with torch.no_grad():
-        coefficients = adjustment if term_only else advantages if adjustment is None else advantages + adjustment
+        coefficients = advantages if adjustment is None else advantages + adjustment
 
     loss, clipped_per_row = _ClippedSurrogateLoss.apply(
         log_probs, old_log_probs, advantages, coefficients, bonus, mask, scale, clip_eps_low, clip_eps_high, dual_clip
