@@ -265,6 +265,41 @@ def test_vllm_seed_grouping_eos_and_limits(vllm_engine, model):
     assert all(1 <= len(tokens) <= 3 for tokens, _ in short)
 
 
+def test_inverse_cdf_sampler_draws_the_softmax_distribution():
+    from openrlhf_entropic.runtime.local.engines import sample_by_inverse_cdf
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws_n = 200_000
+    torch.manual_seed(0)
+    draws = sample_by_inverse_cdf(probs.log().expand(draws_n, -1))  # log(0) = -inf: a masked token
+    assert draws.shape == (draws_n,)
+    frequency = torch.bincount(draws, minlength=5).double() / draws_n
+    assert frequency[4] == 0
+    tolerance = 5 * (probs * (1 - probs) / draws_n).sqrt() + 1e-9
+    assert bool(((frequency - probs).abs() <= tolerance).all()), frequency
+    one_hot = torch.full((3, 5), -float("inf"))
+    one_hot[:, 2] = 0.0
+    assert sample_by_inverse_cdf(one_hot).tolist() == [2, 2, 2]
+
+
+@needs_vllm
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the sampler replaced on CPU only")
+def test_vllm_draws_follow_the_learner_distribution(vllm_engine, model):
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    from openrlhf_entropic.runtime.local.engines import sample_by_inverse_cdf
+
+    assert topk_topp_sampler.compiled_random_sample is sample_by_inverse_cdf
+    draws_n = 4096
+    results = vllm_engine.sample(PROMPTS[:1], draws_n, 1.0, 1.0, 1, seed=3, ignore_eos=True)
+    first = torch.tensor([tokens[0] for tokens, _ in results])
+    frequency = torch.bincount(first, minlength=VOCAB).double() / draws_n
+    with torch.no_grad():
+        probs = model(torch.tensor(PROMPTS[:1])).logits[0, -1].double().softmax(-1)
+    tolerance = 5 * (probs * (1 - probs) / draws_n).sqrt() + 1e-9
+    assert bool(((frequency - probs).abs() <= tolerance).all())
+
+
 @needs_vllm
 def test_vllm_top_p_log_probs_are_the_truncated_distribution(vllm_engine, model):
     results = vllm_engine.sample(PROMPTS, 4, 1.0, 0.5, 12, seed=0)
