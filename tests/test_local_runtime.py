@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 from collections import Counter
 
 import pytest
@@ -178,7 +179,8 @@ def test_ctrl_c_prints_one_line_keeps_what_is_finished_and_exits_130(cache, tmp_
     assert summary["interrupted"] is True and summary["steps"] == len(rows_of(run_dir)) >= 2
 
 
-def test_killing_the_driver_with_sigkill_leaves_no_ray_process_behind(cache, tmp_path):
+def test_a_runs_ray_listens_on_loopback_only_and_dies_with_its_driver_even_on_sigkill(cache, tmp_path):
+    import contextlib
     import signal
     import subprocess
     import sys
@@ -192,12 +194,86 @@ def test_killing_the_driver_with_sigkill_leaves_no_ray_process_behind(cache, tmp
                "--train-batch-size", "16", "--micro-train-batch-size", "16", "--steps", "5000", "--no-progress",
                "--mode", "async", "--max-staleness", "2"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
-        time.sleep(0.5)
-    ray_processes = psutil.Process(driver.pid).children(recursive=True)
-    assert len(ray_processes) >= 4, "expected the driver's Ray cluster (GCS, raylet, actors) below it"
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
-    assert not alive, f"left behind after the driver's kill: {[p.name() for p in alive]}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+            time.sleep(0.5)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        assert len(ray_processes) >= 4, "expected the driver's Ray cluster (GCS, raylet, actors) below it"
+        # The socket table: every port the driver and its Ray processes listen on is on loopback.
+        listening = {}
+        for process in [psutil.Process(driver.pid), *ray_processes]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for connection in process.net_connections(kind="inet"):
+                    if connection.status == psutil.CONN_LISTEN:
+                        listening.setdefault(connection.laddr.ip, []).append(process.name())
+        assert "gcs_server" in str(listening) and "raylet" in str(listening), listening
+        assert set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+        assert not alive, f"left behind after the driver's kill: {[p.name() for p in alive]}"
+    finally:  # a failed check must not leave the driver running
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+
+def test_ray_job_submit_runs_the_trainer_on_a_head_started_as_documented(cache, tmp_path):
+    """docs/embedded.md's recipe: a loopback head with the job server, one job, and a stop of that head only."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import psutil
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ports = []
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    gcs_port, dashboard_port, agent_port = ports  # not the defaults: other Ray clusters may hold them
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--dashboard-agent-listen-port", str(agent_port), "--num-cpus", "2", "--temp-dir", temp_dir],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job server answers once the dashboard is up
+            try:
+                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
+                time.sleep(1)
+        run_dir = tmp_path / "run"
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", dashboard, "--",
+                  "python", "-m", "openrlhf_entropic.cli.train", "--output-dir", str(run_dir), "--warm-start-cache",
+                  cache, "--warm-start-steps", "30", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
+                  "--train-batch-size", "16", "--micro-train-batch-size", "16", "--steps", "2", "--eval-steps", "2",
+                  "--eval-n-samples", "4", "--eval-k", "2", "--no-progress"]
+        while True:  # the job agent comes up a few seconds after the dashboard
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+        cluster = psutil.Process(head.pid).children(recursive=True)
+        assert any(p.name() == "gcs_server" for p in cluster)
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started; `ray stop` would stop all
+        head.wait(timeout=60)
+    gone, alive = psutil.wait_procs(cluster, timeout=30)
+    assert not alive, f"left behind after stopping the head: {[p.name() for p in alive]}"

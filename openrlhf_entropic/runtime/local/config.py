@@ -53,7 +53,8 @@ class RunConfig:
     eval_n_samples: int = field(default=8, metadata=_flag("Samples per eval prompt (>= --eval-k)."))
     eval_k: int = field(default=4, metadata=_flag("k of pass@k."))
     ray_address: str | None = field(default=None, metadata=_flag(
-        "Join this Ray cluster instead of starting a local one."))
+        "Join this Ray cluster instead of starting a local one (default: $RAY_ADDRESS, which a `ray job submit` "
+        "job has)."))
     ray_dashboard: bool = field(default=False, metadata=_flag("Start the Ray dashboard."))
     ray_num_cpus: int | None = field(default=None, metadata=_flag("CPUs of the local Ray cluster (None: all)."))
     learner_num_gpus: float = field(default=0.0, metadata=_flag("GPUs per learner actor (0 = CPU with gloo)."))

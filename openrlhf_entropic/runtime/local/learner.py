@@ -70,16 +70,16 @@ def _rows(batch: dict, index: slice) -> dict:
 class Learner:
     """One data-parallel rank: a DeepSpeed engine, the EntroPIC step, and the train/eval/checkpoint methods."""
 
-    def __init__(self, rank: int, world_size: int, master_port: int, model_factory, run: RunConfig,
+    def __init__(self, rank: int, world_size: int, rendezvous: str, model_factory, run: RunConfig,
                  entropic: EntroPICConfig, cores: list[int] | None):
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(master_port))
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
         pin_to_cores(cores)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, init_method=rendezvous, rank=rank, world_size=world_size)
         torch.manual_seed(run.seed + rank)
         model, self.tokenizer = model_factory()
         self.run, self.config = run, entropic

@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import os
-import socket
+import shutil
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -93,12 +94,6 @@ def _share(cores: list[int], index: int, count: int) -> list[int]:
     return cores[index::count] if count <= len(cores) else [cores[index % len(cores)]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LocalTrainer:
     """Owns the Ray actors and runs the loop. Call `run()`; tests may call `setup()` and `train(steps)`."""
 
@@ -133,18 +128,25 @@ class LocalTrainer:
         self.writer = SummaryWriter(str(self.output_dir), purge_step=None if resume_from is None else
                                     int(resume_from.name.split("_")[1]) + 1)
         if not ray.is_initialized():
-            if config.ray_address:
-                ray.init(address=config.ray_address, logging_level=logging.WARNING)
+            address = config.ray_address or os.environ.get("RAY_ADDRESS")  # a `ray job submit` job has RAY_ADDRESS
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING)
             else:
+                # Ray swaps a loopback node address for the machine's IP unless its single-machine mode
+                # is on; with it, every process of this cluster listens on 127.0.0.1 only (tested).
+                os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+                ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which imported ray already
                 ray.init(num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
                 _stop_ray_when_this_process_dies()
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(self.staleness)
-        port = _free_port()
+        # Learners meet through a file, not torch's TCP store (which listens on every interface).
+        self.rendezvous_dir = tempfile.mkdtemp(prefix="entropic_rendezvous_")
+        rendezvous = f"file://{self.rendezvous_dir}/store"
         self.learner_cores, self.generator_cores = _core_plan(config)
         learner_cls = ray.remote(num_cpus=0, num_gpus=config.learner_num_gpus)(Learner)
         self.learners = [
-            learner_cls.remote(rank, config.num_learners, port, self.task.model_factory, config, self.entropic,
+            learner_cls.remote(rank, config.num_learners, rendezvous, self.task.model_factory, config, self.entropic,
                                self.learner_cores[rank])
             for rank in range(config.num_learners)
         ]
@@ -349,6 +351,7 @@ class LocalTrainer:
         self.writer.close()
         for actor in [self.buffer, *self.learners, *self.generators]:
             ray.kill(actor)
+        shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
     # ----- the whole run ------------------------------------------------------------------------
     def run(self) -> dict:
