@@ -44,7 +44,7 @@ def test_dry_run_of_the_full_suite_runs_each_shared_cell_once(suite, capsys):
     assert head == "12 cells x 3 seeds = 36 runs (claims 1, 2, 3, 4, 5, 6)"
     assert list(cells) == [
         "grpo_on_policy", "grpo_async_k4",
-        "entropic_h0.2_on_policy", "entropic_h0.2_async_k4", "entropic_h0.4_on_policy", "entropic_h0.4_async_k4",
+        "entropic_h0.4_on_policy", "entropic_h0.4_async_k4", "entropic_h0.6_on_policy", "entropic_h0.6_async_k4",
         "entropic_h0.8_on_policy", "entropic_h0.8_async_k4",
         "entropic_h0.4_p_async_k4", "entropic_h0.4_async_k8", "entropic_h0.4_p_async_k8",
         "entropic_h0.4_unweighted_async_k8",
@@ -71,9 +71,9 @@ def test_dry_run_of_a_subset_with_other_targets_and_passthrough_flags(suite, cap
     assert cells["entropic_h0.4_async_k8"][0].endswith("--seed 4 --steps 6 --output-dir OUT/entropic_h0.4_async_k8/"
                                                        "seed4 --overwrite --no-progress --eval-k 2")
     _, cells = dry_run(suite, capsys, "--claims", "2", "--warm-start-entropy", "1.0")
-    assert list(cells) == [f"entropic_h{t}_{regime}" for t in ("0.25", "0.5", "1") for regime in ("on_policy",
+    assert list(cells) == [f"entropic_h{t}_{regime}" for t in ("0.5", "0.75", "1") for regime in ("on_policy",
                                                                                                    "async_k4")]
-    assert "--entropic.target_entropy 0.25 --entropic.target_start 1 " in cells["entropic_h0.25_on_policy"][0]
+    assert "--entropic.target_entropy 0.75 --entropic.target_start 1 " in cells["entropic_h0.75_on_policy"][0]
 
 
 @pytest.mark.parametrize(
