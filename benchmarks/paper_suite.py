@@ -2,7 +2,7 @@
 
     python benchmarks/paper_suite.py [--output-dir runs/paper_suite] [--seeds 0,1,2] [--steps 300]
         [--claims 1,2,3,4,5,6] [--warm-start-entropy 0.8] [--target-fractions 0.5,0.75,1.0]
-        [--dry-run] [--report-only] [-- extra cli.train flags]
+        [--dry-run] [--report-only] [--publish docs] [-- extra cli.train flags]
 
 Claims (K = max_staleness; async cells run at K = 4 unless named otherwise):
   1. collapse: GRPO's entropy collapses, on-policy and async: entropy_final <= 0.5 x entropy_initial.
@@ -415,8 +415,12 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def results_markdown(summary: dict, claims: list[Claim]) -> str:
-    """OUT/results.md: the setup, a summary table, one section per claim with its figures and plots, the runs."""
+def results_markdown(summary: dict, claims: list[Claim], published: bool = False) -> str:
+    """OUT/results.md: the setup, a summary table, one section per claim with its figures and plots, the runs.
+
+    published: the copy for --publish DIR, whose plots lie under DIR/results/ and whose claim
+    reports stay in OUT (not copied: they are big and name every run's log).
+    """
     runs = summary["runs"]
     failed = [run for run in runs if run["returncode"] != 0]
     warm = summary["warm_start_entropy"]
@@ -456,8 +460,12 @@ def results_markdown(summary: dict, claims: list[Claim]) -> str:
         if result["failed_runs"]:
             lines += ["", "Failed runs: " + "; ".join(result["failed_runs"]) + "."]
         report = result["report"]
-        lines += ["", f"Full table, run config and plots: [{report}/report.md]({report}/report.md)."]
-        lines += [f"![{claim.slug} {plot}]({report}/{plot})" for plot in claim.plots
+        if published:
+            lines += ["", f"Full table, run config and every plot: `{summary['output_dir']}/{report}/report.md`, "
+                      "written by the command."]
+        else:
+            lines += ["", f"Full table, run config and plots: [{report}/report.md]({report}/report.md)."]
+        lines += [f"![{claim.slug} {plot}]({'results/' if published else ''}{report}/{plot})" for plot in claim.plots
                   if (Path(summary["output_dir"]) / report / plot).is_file()]
     lines += ["", "## Runs", "", "| cell | seed | exit code | wall time (process) | log |", "|---|---|---|---|---|"]
     for run in runs:
@@ -571,6 +579,21 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+def publish(summary: dict, claims: list[Claim], directory: Path) -> None:
+    """Write DIR/results.md and copy the plots it shows to DIR/results/ (replacing an older copy)."""
+    plots = directory / "results"
+    shutil.rmtree(plots, ignore_errors=True)
+    for claim in claims:
+        report = summary["claims"][f"{claim.number}_{claim.slug}"]["report"]
+        for plot in claim.plots:
+            source = Path(summary["output_dir"]) / report / plot
+            if source.is_file():
+                (plots / report).mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, plots / report / plot)
+    (directory / "results.md").write_text(results_markdown(summary, claims, published=True), encoding="utf-8")
+    print(f"[paper_suite] published {directory / 'results.md'}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -598,6 +621,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "between where GRPO ends after 300 steps and the warm start). "
                         f"Claims 3-6 use {MAIN_FRACTION}.")
     parser.add_argument("--dry-run", action="store_true", help="Print the cells and commands; run nothing.")
+    parser.add_argument("--publish", type=Path, metavar="DIR",
+                        help="Also write DIR/results.md with the plots it shows under DIR/results/ "
+                        "(`--publish docs` makes the repository's docs/results.md).")
     parser.add_argument("--report-only", action="store_true",
                         help="Run nothing; rebuild the claim reports and results.md from OUT/suite.json.")
     parser.add_argument("--train-module", default="openrlhf_entropic.cli.train", help=argparse.SUPPRESS)
@@ -645,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     else:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        record = {"command": " ".join(["python", "benchmarks/paper_suite.py", *argv]), "seeds": args.seeds,
+        record = {"command": " ".join(["python", "benchmarks/paper_suite.py", *argv]), "commit": git_commit(),
+                  "seeds": args.seeds,
                   "steps": args.steps, "extra": extra, "warm_start_entropy": args.warm_start_entropy,
                   "target_fractions": args.target_fractions, "runs": []}
         started = time.perf_counter()
@@ -655,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = SuiteSettings(record["warm_start_entropy"], tuple(record["target_fractions"]))
     summary = {
-        "command": record["command"], "commit": git_commit(), "seeds": record["seeds"], "steps": record["steps"],
+        "command": record["command"], "commit": record.get("commit") or git_commit(), "seeds": record["seeds"],
+        "steps": record["steps"],
         "extra": record["extra"], "suite_seconds": record.get("suite_seconds"), "output_dir": str(args.output_dir),
         "interrupted": record.get("interrupted"), "runs": record["runs"],
         "warm_start_entropy": warm_start_measured(record, args.output_dir, settings),
@@ -667,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.output_dir / "results.json").write_text(json.dumps(printed, indent=2), encoding="utf-8")
     print(json.dumps(printed, indent=2))
     print(f"[paper_suite] wrote {args.output_dir / 'results.md'}", file=sys.stderr)
+    if args.publish:
+        publish(summary, claims, args.publish)
     failed = [run for run in record["runs"] if run["returncode"] != 0]
     return 1 if failed or record.get("interrupted") else 0
 

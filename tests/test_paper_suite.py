@@ -173,3 +173,14 @@ def test_suite_judges_the_claims_from_the_runs_and_reports_a_failed_run(suite, t
     assert suite.main(["--output-dir", str(out), "--claims", "1,3,6", "--report-only"]) == 1
     rebuilt = json.loads(capsys.readouterr().out)
     assert rebuilt["claims"] == json.loads(json.dumps(claims)) and (out / "results.md").is_file()
+    assert rebuilt["commit"] == record["commit"]  # the commit the runs ran on, recorded at the start
+
+    # --publish DIR: DIR/results.md shows plots copied under DIR/results/, and an older copy goes.
+    docs = tmp_path / "docs"
+    (docs / "results" / "stale").mkdir(parents=True)
+    assert suite.main(["--output-dir", str(out), "--claims", "1,3,6", "--report-only", "--publish", str(docs)]) == 1
+    published = (docs / "results.md").read_text()
+    assert "![collapse entropy.png](results/claims/1-collapse/entropy.png)" in published
+    assert (docs / "results" / "claims" / "1-collapse" / "entropy.png").is_file()
+    assert not (docs / "results" / "stale").exists()
+    assert published.split("## Summary")[1].split("## 1.")[0] == results.split("## Summary")[1].split("## 1.")[0]
