@@ -1,6 +1,7 @@
 """End-to-end tests of the embedded runtime on a small local Ray cluster (tiny settings)."""
 
 import json
+import os
 import shutil
 import socket
 from collections import Counter
@@ -277,3 +278,25 @@ def test_ray_job_submit_runs_the_trainer_on_a_head_started_as_documented(cache, 
         head.wait(timeout=60)
     gone, alive = psutil.wait_procs(cluster, timeout=30)
     assert not alive, f"left behind after stopping the head: {[p.name() for p in alive]}"
+
+
+def test_a_learner_starts_although_an_interrupted_deepspeed_build_left_its_lock(tmp_path):
+    """A run killed while DeepSpeed JIT-built its shared-memory op left a lock that hung every later learner."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    script = (
+        "import sys\n"
+        "from openrlhf_entropic.cli.train import build_task, parse_args\n"
+        "from openrlhf_entropic.runtime.local.learner import Learner\n"
+        "args, entropic = parse_args(['--output-dir', sys.argv[1], '--warm-start-steps', '0'])\n"
+        "Learner(0, 1, f'file://{sys.argv[1]}/store', build_task(args).model_factory, args, entropic, None)\n"
+        "print('learner ready')\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    started = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                             timeout=120)  # ~10 s when nothing hangs
+    assert "learner ready" in started.stdout, started.stderr[-3000:]

@@ -8,6 +8,7 @@ back-propagated. Old log-probs in the PPO ratio are the behavior log-probs.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
@@ -78,6 +79,10 @@ class Learner:
         pin_to_cores(cores)
         import deepspeed
 
+        # DeepSpeed JIT-builds a shared-memory all-reduce that only its inference path calls: up to
+        # ~25 s a start, and a wait forever on the lock file that an interrupted build leaves behind.
+        # (`deepspeed.comm.torch` as an attribute is torch itself: hence the module lookup.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False, init_method=rendezvous, rank=rank, world_size=world_size)
         torch.manual_seed(run.seed + rank)
