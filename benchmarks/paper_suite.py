@@ -411,6 +411,26 @@ def warm_start_measured(record: dict, output_dir: Path, settings: SuiteSettings)
             "first_eval_entropy_true": _mean(first_eval), "runs": len(initial)}
 
 
+# Settings every run of the suite shares (the countdown preset unless passed after `--`), shown in results.md.
+SHARED_SETTINGS = (("run", "actor_learning_rate", "lr"), ("run", "rollout_batch_size", "prompts per step"),
+                   ("run", "n_samples_per_prompt", "samples per prompt"), ("run", "generate_max_len", "max new tokens"),
+                   ("run", "eval_steps", "eval every"), ("run", "eval_n_samples", "eval samples per prompt"),
+                   ("entropic", "kp", "kp"), ("entropic", "ki", "ki (PI cells)"),
+                   ("entropic", "target_warmup_steps", "target ramp steps"), ("entropic", "alpha_max", "alpha_max"),
+                   ("entropic", "mode", "loss mode"), ("entropic", "high_prob_threshold", "high_prob threshold"))
+
+
+def shared_settings(record: dict, output_dir: Path, settings: SuiteSettings) -> dict[str, object]:
+    """SHARED_SETTINGS as the main EntroPIC on-policy cell's first finished run stored them (config.json)."""
+    name = RunCell(entropic=True, staleness=0).name(settings.main_target)
+    for run in record["runs"]:
+        path = output_dir / name / f"seed{run['seed']}" / "config.json"
+        if run["cell"] == name and run["returncode"] == 0 and path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            return {label: config.get(section, {}).get(key, "n/a") for section, key, label in SHARED_SETTINGS}
+    return {}
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -432,6 +452,13 @@ def results_markdown(summary: dict, claims: list[Claim], published: bool = False
         "openrlhf_entropic/runtime/local/config.py). "
         f"Seeds {', '.join(map(str, summary['seeds']))}; {summary['steps']} steps per run"
         + (f"; extra train flags `{' '.join(summary['extra'])}`" if summary["extra"] else "") + ".",
+        "",
+        (f"This report was rebuilt from those runs at commit `{summary['report_commit']}`. "
+         if summary.get("report_commit", summary["commit"]) != summary["commit"] else "")
+        + "Settings of every run: " + (", ".join(f"{label} {value}" for label, value in
+                                                  summary.get("shared_settings", {}).items()) or "n/a")
+        + f"; async cells at K = {ASYNC_K} (claims 4-5 also K = {LONG_K}), P cells with ki 0. "
+        "Each EntroPIC target ramps down from the warm-start entropy.",
         "",
         f"Suite wall time {_duration(summary['suite_seconds'])} for {len(runs)} runs ({len(failed)} failed)"
         + (f"; {summary['interrupted']}" if summary.get("interrupted") else "") + ". "
@@ -687,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         "extra": record["extra"], "suite_seconds": record.get("suite_seconds"), "output_dir": str(args.output_dir),
         "interrupted": record.get("interrupted"), "runs": record["runs"],
         "warm_start_entropy": warm_start_measured(record, args.output_dir, settings),
+        "shared_settings": shared_settings(record, args.output_dir, settings), "report_commit": git_commit(),
         "claims": judge_all(claims, settings, record, args.output_dir),
     }
     (args.output_dir / "results.md").write_text(results_markdown(summary, claims), encoding="utf-8")

@@ -109,7 +109,8 @@ FAKE_TRAIN = textwrap.dedent(
     if args.fail == f"{entropic}_{args.mode}_{args.seed}":
         sys.exit(3)
     (out / "config.json").write_text(json.dumps({"run": {"mode": args.mode, "seed": args.seed},
-                                                 "entropic": {"enable": entropic, "target_entropy": args.target}}))
+                                                 "entropic": {"enable": entropic, "target_entropy": args.target,
+                                                              "kp": 3.0}}))
     rows = []
     for step in range(1, args.steps + 1):
         # GRPO collapses from 0.8; EntroPIC holds its target. Async is faster; EntroPIC solves more at k.
@@ -162,6 +163,7 @@ def test_suite_judges_the_claims_from_the_runs_and_reports_a_failed_run(suite, t
     assert "seed1: exit code 3" in results and "for 8 runs (1 failed)" in results
     assert "entropy_initial" in results and "(n=2)" in results
     assert "![collapse entropy.png](claims/1-collapse/entropy.png)" in results
+    assert "Settings of every run: lr n/a, " in results and ", kp 3.0, " in results  # from the runs' config.json
     assert (out / "claims" / "3-solve_rate" / "pass_at_k.png").is_file()
     assert "## Run config" in (out / "claims" / "1-collapse" / "report.md").read_text()
     record = json.loads((out / "suite.json").read_text())
