@@ -46,8 +46,8 @@ def test_dry_run_of_the_full_suite_runs_each_shared_cell_once(suite, capsys):
         "grpo_on_policy", "grpo_async_k4",
         "entropic_h0.4_on_policy", "entropic_h0.4_async_k4", "entropic_h0.6_on_policy", "entropic_h0.6_async_k4",
         "entropic_h0.8_on_policy", "entropic_h0.8_async_k4",
-        "entropic_h0.4_p_async_k4", "entropic_h0.4_async_k8", "entropic_h0.4_p_async_k8",
-        "entropic_h0.4_unweighted_async_k8",
+        "entropic_h0.6_p_async_k4", "entropic_h0.6_async_k8", "entropic_h0.6_p_async_k8",
+        "entropic_h0.6_unweighted_async_k8",
     ]  # fmt: skip
     assert all(len(commands) == 3 for commands in cells.values())
     for name, commands in cells.items():
@@ -59,16 +59,16 @@ def test_dry_run_of_the_full_suite_runs_each_shared_cell_once(suite, capsys):
             assert regime in command
             assert ("--entropic.ki 0" in command) == ("_p_" in name)
             assert ("--entropic.estimator on_policy" in command) == ("unweighted" in name)
-    assert "--max-staleness 8" in cells["entropic_h0.4_p_async_k8"][0]
-    assert "--entropic.enable false --entropic.target_entropy 0.4" in cells["grpo_async_k4"][0]
+    assert "--max-staleness 8" in cells["entropic_h0.6_p_async_k8"][0]
+    assert "--entropic.enable false --entropic.target_entropy 0.6" in cells["grpo_async_k4"][0]
     assert "--entropic.target_entropy 0.8 --entropic.target_start 0.8" in cells["entropic_h0.8_async_k4"][0]
 
 
 def test_dry_run_of_a_subset_with_other_targets_and_passthrough_flags(suite, capsys):
     head, cells = dry_run(suite, capsys, "--claims", "5", "--seeds", "4", "--steps", "6", "--", "--eval-k", "2")
     assert head == "2 cells x 1 seeds = 2 runs (claims 5)"
-    assert list(cells) == ["entropic_h0.4_async_k8", "entropic_h0.4_unweighted_async_k8"]
-    assert cells["entropic_h0.4_async_k8"][0].endswith("--seed 4 --steps 6 --output-dir OUT/entropic_h0.4_async_k8/"
+    assert list(cells) == ["entropic_h0.6_async_k8", "entropic_h0.6_unweighted_async_k8"]
+    assert cells["entropic_h0.6_async_k8"][0].endswith("--seed 4 --steps 6 --output-dir OUT/entropic_h0.6_async_k8/"
                                                        "seed4 --overwrite --no-progress --eval-k 2")
     _, cells = dry_run(suite, capsys, "--claims", "2", "--warm-start-entropy", "1.0")
     assert list(cells) == [f"entropic_h{t}_{regime}" for t in ("0.5", "0.75", "1") for regime in ("on_policy",
@@ -151,7 +151,7 @@ def test_suite_judges_the_claims_from_the_runs_and_reports_a_failed_run(suite, t
     assert solve["pass_at_1_on_policy"]["exceeds_seed_std"] is False and claims["3_solve_rate"]["met"] is False
     assert solve["pass_at_k_async"]["entropic"]["n"] == 1  # seed 1 failed; seed 0 still counts
     assert claims["3_solve_rate"]["failed_runs"] == [
-        "entropic_async (entropic_h0.4_async_k4) seed1: exit code 3, log entropic_h0.4_async_k4/seed1.log"]
+        "entropic_async (entropic_h0.6_async_k4) seed1: exit code 3, log entropic_h0.6_async_k4/seed1.log"]
 
     throughput = claims["6_throughput"]["comparisons"]["grpo"]
     assert throughput["speedup"] == pytest.approx(80.5 / 50.5) and throughput["met"] is True
@@ -168,7 +168,7 @@ def test_suite_judges_the_claims_from_the_runs_and_reports_a_failed_run(suite, t
     assert "## Run config" in (out / "claims" / "1-collapse" / "report.md").read_text()
     record = json.loads((out / "suite.json").read_text())
     assert [(run["cell"], run["seed"], run["returncode"]) for run in record["runs"]][-2:] == [
-        ("entropic_h0.4_async_k4", 0, 0), ("entropic_h0.4_async_k4", 1, 3)]
+        ("entropic_h0.6_async_k4", 0, 0), ("entropic_h0.6_async_k4", 1, 3)]
 
     # --report-only rebuilds the same judgement from suite.json without running anything.
     (out / "results.md").unlink()
