@@ -33,6 +33,7 @@ def cached_warm_start(cache_dir, name: str, settings: dict, build, warm_start):
     """
     import hashlib
     import json
+    import os
     from pathlib import Path
 
     from safetensors.torch import load_file, save_file
@@ -43,7 +44,7 @@ def cached_warm_start(cache_dir, name: str, settings: dict, build, warm_start):
     if not path.exists():
         warm_start(model, tokenizer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # its own name: two first runs never share one file
         save_file({key: tensor.contiguous() for key, tensor in model.state_dict().items() if key != "lm_head.weight"},
                   str(tmp))
         tmp.replace(path)
