@@ -626,7 +626,6 @@ def publish(summary: dict, claims: list[Claim], directory: Path) -> None:
 # Command line.
 
 
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The suite's flags, and the flags after `--` that pass through to every training run."""
     extra = []
@@ -700,9 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         record = {"command": " ".join(["python", "benchmarks/paper_suite.py", *argv]), "commit": git_commit(),
-                  "seeds": args.seeds,
-                  "steps": args.steps, "extra": extra, "warm_start_entropy": args.warm_start_entropy,
-                  "target_fractions": args.target_fractions, "runs": []}
+                  "seeds": args.seeds, "steps": args.steps, "extra": extra,
+                  "warm_start_entropy": args.warm_start_entropy, "target_fractions": args.target_fractions,
+                  "runs": []}
         started = time.perf_counter()
         run_all(cells, args, extra, record)
         record["suite_seconds"] = time.perf_counter() - started
@@ -711,8 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = SuiteSettings(record["warm_start_entropy"], tuple(record["target_fractions"]))
     summary = {
         "command": record["command"], "commit": record.get("commit") or git_commit(), "seeds": record["seeds"],
-        "steps": record["steps"],
-        "extra": record["extra"], "suite_seconds": record.get("suite_seconds"), "output_dir": str(args.output_dir),
+        "steps": record["steps"], "extra": record["extra"], "suite_seconds": record.get("suite_seconds"), "output_dir": str(args.output_dir),
         "interrupted": record.get("interrupted"), "runs": record["runs"],
         "warm_start_entropy": warm_start_measured(record, args.output_dir, settings),
         "shared_settings": shared_settings(record, args.output_dir, settings), "report_commit": git_commit(),

@@ -222,7 +222,6 @@ def test_a_runs_ray_listens_on_loopback_only_and_dies_with_its_driver_even_on_si
 
 def test_ray_job_submit_runs_the_trainer_on_a_head_started_as_documented(cache, tmp_path):
     """docs/embedded.md's recipe: a loopback head with the job server, one job, and a stop of that head only."""
-    import os
     import signal
     import subprocess
     import sys
