@@ -193,6 +193,23 @@ def test_hf_engine_load_weights(tokenizer):
         engine.load_weights({"model.norm.weight": torch.ones(64)})
 
 
+def test_generator_loads_the_learners_flat_weights_and_refuses_another_models(tokenizer):
+    """Weights travel as one flat array in state_dict order (`Learner.get_weights`); the generator splits it."""
+    from openrlhf_entropic.runtime.local.config import RunConfig
+    from openrlhf_entropic.runtime.local.generator import Generator
+
+    generator = Generator(lambda: (build_model(seed=0), tokenizer), None, RunConfig(generator="hf"), None)
+    new = build_model(seed=1)
+    flat = torch.cat([t.reshape(-1) for t in new.state_dict().values()]).numpy()
+    flat.setflags(write=False)  # as Ray hands it out
+    assert generator.load_weights(flat, version=3) == 3 and generator.version == 3
+    for name, tensor in generator.engine.model.state_dict().items():
+        assert torch.equal(tensor, new.state_dict()[name]), name
+    with pytest.raises(ValueError, match="learner and generator models differ"):
+        generator.load_weights(flat[:-1], version=4)
+    assert generator.version == 3
+
+
 def test_engines_import_without_vllm():
     code = (
         "import sys; sys.modules['vllm'] = None\n"  # makes `import vllm` raise ImportError

@@ -18,7 +18,7 @@ def buffer_of(max_staleness, capacity=10):
 
 def test_take_is_fifo_and_tags_staleness():
     buffer = buffer_of(2)
-    buffer.put(samples(3, 2) + samples(4, 2, start=2))
+    buffer.put(samples(3, 2) + samples(4, 2, start=2), learner_version=4)
     batch = buffer.take(3, learner_version=5)
     assert [s.uid for s in batch] == [0, 1, 2]
     assert [s.staleness for s in batch] == [2, 2, 1]
@@ -27,7 +27,7 @@ def test_take_is_fifo_and_tags_staleness():
 
 def test_samples_older_than_k_are_evicted_and_counted():
     buffer = buffer_of(1)
-    buffer.put(samples(0, 3) + samples(2, 2, start=3))
+    buffer.put(samples(0, 3) + samples(2, 2, start=3), learner_version=1)
     batch = buffer.take(2, learner_version=3)
     assert [s.uid for s in batch] == [3, 4]  # version 0 is 3 versions old at 3: evicted
     assert buffer.size() == 0 and buffer.evicted_count() == 3
@@ -35,7 +35,7 @@ def test_samples_older_than_k_are_evicted_and_counted():
 
 def test_on_policy_rule_keeps_only_current_version():
     buffer = buffer_of(0)
-    buffer.put(samples(4, 2) + samples(5, 2, start=2))
+    buffer.put(samples(4, 2) + samples(5, 2, start=2), learner_version=4)
     assert buffer.evict_stale(5) == 2
     assert buffer.evicted_count() == 2
     assert all(s.staleness == 0 for s in buffer.take(2, 5))
@@ -43,13 +43,20 @@ def test_on_policy_rule_keeps_only_current_version():
 
 def test_capacity_is_a_hard_bound_and_short_batches_are_refused():
     buffer = buffer_of(0, capacity=4)
-    buffer.put(samples(0, 3))
+    buffer.put(samples(0, 3), learner_version=0)
     with pytest.raises(RuntimeError, match="capacity"):
-        buffer.put(samples(0, 2))
+        buffer.put(samples(0, 2), learner_version=0)
     with pytest.raises(RuntimeError, match="3 usable"):
         buffer.take(4, learner_version=0)
     with pytest.raises(ValueError):
         buffer_of(0, capacity=0)
+
+
+def test_a_put_first_evicts_what_is_too_old_to_train_so_stale_samples_never_block_fresh_ones():
+    buffer = buffer_of(0, capacity=4)
+    buffer.put(samples(0, 3), learner_version=0)
+    assert buffer.put(samples(1, 4), learner_version=1) == 4  # version 0 is stale at 1: room for a full job
+    assert buffer.evicted_count() == 3
 
 
 def test_default_capacity_is_k_plus_one_batches_and_one_job():

@@ -100,7 +100,7 @@ def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path)
     trainer.train(2)
     ray.kill(trainer.generators[0], no_restart=True)
     trainer._fill(pending_train=0)  # jobs now sent to the dead actor must come back through the re-queue
-    assert any(index == 0 for _, index, _ in trainer.inflight.values()), "generator 0 should have work in flight"
+    assert any(index == 0 for _, index, *_ in trainer.inflight.values()), "generator 0 should have work in flight"
     rows = trainer.train(4)
     assert trainer.counters[RunMetric.GENERATOR_RESTARTS] == 1 and trainer.counters[RunMetric.REQUEUED_JOBS] >= 1
     assert all(row["staleness_max"] <= 2 for row in rows) and any(row["staleness_max"] > 0 for row in rows)
@@ -108,8 +108,13 @@ def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path)
     job_samples = trainer.config.job_samples
     buffered = ray.get(trainer.buffer.__ray_call__.remote(lambda b: [s.uid for s in b.samples]))
     held = Counter(trainer.consumed_uids) + Counter(buffered)
-    pending = [job.uid for job, _, _ in trainer.inflight.values()] + [job.uid for job in trainer.requeue]
+    pending = [job.uid for job, *_ in trainer.inflight.values()] + [job.uid for job in trainer.requeue]
     dropped = ray.get(trainer.buffer.evicted_count.remote())
+    # The driver's count of the buffer (what its launch rule uses) matches the buffer after the same eviction.
+    ray.get(trainer.buffer.evict_stale.remote(trainer.version))
+    trainer._usable()
+    assert trainer.dropped_stale == ray.get(trainer.buffer.evicted_count.remote())
+    assert sum(count for _, count in trainer.buffered) == ray.get(trainer.buffer.size.remote())
     assert len(trainer.consumed_uids) == 6 * 16
     assert max(held.values()) <= job_samples  # nothing counted twice
     assert sum(held.values()) + job_samples * len(pending) + dropped == trainer.next_uid * job_samples  # none lost

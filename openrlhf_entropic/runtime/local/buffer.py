@@ -77,8 +77,10 @@ class ReplayBuffer:
         self.samples: deque[Sample] = deque()
         self.evicted_stale = 0
 
-    def put(self, samples: list[Sample]) -> int:
-        """Append samples (oldest first); returns the new size. Raises if the capacity would be exceeded."""
+    def put(self, samples: list[Sample], learner_version: int) -> int:
+        """Evict what is too old to train at `learner_version`, append `samples` (oldest first); returns the
+        new size. Raises if the capacity would be exceeded."""
+        self.evict_stale(learner_version)  # the launch rule counted only usable samples against the capacity
         capacity = self.staleness.capacity
         if len(self.samples) + len(samples) > capacity:
             raise RuntimeError(

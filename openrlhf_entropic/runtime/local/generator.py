@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from openrlhf_entropic.runtime.local.buffer import Sample
@@ -95,10 +97,11 @@ class Job:
 
 @dataclass
 class Rollout:
-    """What a generator returns for a job: the kept samples and what was dropped on the way."""
+    """What a generator reports to the driver for a job; the kept samples themselves go to the buffer."""
 
     uid: int
-    samples: list[Sample]
+    version: int  # policy version of the weights that generated the samples
+    kept: int  # samples kept: the ones the buffer receives
     dropped_nan: int  # samples whose reward was NaN: never trained on
     dropped_inf: int  # samples whose reward was +-inf: never trained on
     clipped_rewards: int  # finite rewards outside [-reward_clip, reward_clip], clipped to it
@@ -106,13 +109,13 @@ class Rollout:
     sync_seconds: float  # time loading weights since the generator's previous rollout
 
 
-def build_engine(kind: str, model, tokenizer, num_threads: int):
-    """A sampling engine over `model`: "vllm" (`VLLMEngine`) or "hf" (`HFEngine`)."""
+def build_engine(kind: str, model, tokenizer, num_threads: int, dtype: str = "float32"):
+    """A sampling engine over `model`: "vllm" (`VLLMEngine`) or "hf" (`HFEngine`), with weights in `dtype`."""
     from openrlhf_entropic.runtime.local.engines import HFEngine, VLLMEngine
 
     if kind == "vllm":
-        return VLLMEngine(model, tokenizer, num_threads=num_threads)
-    return HFEngine(model.eval(), tokenizer)
+        return VLLMEngine(model, tokenizer, num_threads=num_threads, dtype=dtype)
+    return HFEngine(model.to(getattr(torch, dtype)).eval(), tokenizer)
 
 
 def pin_to_cores(cores: list[int] | None) -> int:
@@ -134,7 +137,8 @@ class Generator:
     def __init__(self, model_factory, reward_fn, run: RunConfig, cores: list[int] | None):
         threads = pin_to_cores(cores)
         model, self.tokenizer = model_factory()
-        self.engine = build_engine(run.generator, model, self.tokenizer, threads)
+        self.layout = [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
+        self.engine = build_engine(run.generator, model, self.tokenizer, threads, run.generator_dtype)
         self.reward_fn = reward_fn
         self.run = run
         self.version = 0
@@ -144,16 +148,28 @@ class Generator:
         """True once the engine is up (the trainer waits for it, so start-up errors surface early)."""
         return True
 
-    def load_weights(self, state_dict: dict, version: int) -> int:
-        """Load the learner's weights (a dict of tensors) in place and record their policy version."""
+    def load_weights(self, weights: np.ndarray, version: int) -> int:
+        """Load the learner's weights (`Learner.get_weights`: flat, in state_dict order) in place and record
+        their policy version."""
         started = time.perf_counter()
-        self.engine.load_weights(state_dict)
+        sizes = [math.prod(shape) for _, shape in self.layout]
+        if weights.size != sum(sizes):
+            raise ValueError(f"{weights.size} weights for a model of {sum(sizes)}: learner and generator models differ")
+        with warnings.catch_warnings():  # Ray hands out a read-only array; the engines only copy from it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            parts = torch.from_numpy(weights).split(sizes)
+        self.engine.load_weights({name: part.view(shape) for (name, shape), part in zip(self.layout, parts,
+                                                                                          strict=True)})
         self.sync_seconds += time.perf_counter() - started
         self.version = version
         return version
 
-    def generate(self, job: Job) -> Rollout:
-        """Sample the job's prompt rows; each kept sample gets reward, advantage (within its group), version, uid."""
+    def generate(self, job: Job) -> tuple[Rollout, list[Sample]]:
+        """Sample the job's prompt rows; each kept sample gets reward, advantage (within its group), version, uid.
+
+        Returns (report, kept samples). Called with num_returns=2, so the driver reads the small report
+        and hands the samples to the buffer by reference, without ever deserializing them.
+        """
         run = self.run
         started = time.perf_counter()
         seed = run.seed * 1_000_003 + job.uid
@@ -169,10 +185,11 @@ class Generator:
         advantages = [a for group in compute_advantages(groups, run.advantage) for a in group]  # `kept` is grouped too
         for (sample, reward), advantage in zip(kept, advantages, strict=True):
             sample.reward, sample.advantage, sample.version, sample.uid = reward, advantage, self.version, job.uid
-        return Rollout(uid=job.uid, samples=[s for s, _ in kept], dropped_nan=sum(math.isnan(r) for r in rewards),
-                       dropped_inf=sum(math.isinf(r) for r in rewards),
-                       clipped_rewards=sum(math.isfinite(r) and abs(r) > run.reward_clip for r in rewards),
-                       seconds=time.perf_counter() - started, sync_seconds=self._take_sync_seconds())
+        report = Rollout(uid=job.uid, version=self.version, kept=len(kept),
+                         dropped_nan=sum(math.isnan(r) for r in rewards), dropped_inf=sum(math.isinf(r) for r in rewards),
+                         clipped_rewards=sum(math.isfinite(r) and abs(r) > run.reward_clip for r in rewards),
+                         seconds=time.perf_counter() - started, sync_seconds=self._take_sync_seconds())
+        return report, [s for s, _ in kept]
 
     def _take_sync_seconds(self) -> float:
         seconds, self.sync_seconds = self.sync_seconds, 0.0

@@ -9,10 +9,12 @@ back-propagated. Old log-probs in the PPO ratio are the behavior log-probs.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from openrlhf_entropic.entropic import (
@@ -35,21 +37,23 @@ def collate(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]
 
     Returns input_ids, attention_mask [batch, seq]; mask, behavior_log_probs [batch, seq - 1]
     (position j scores token j + 1; mask is 1 on response tokens); advantages [batch].
+    Built with one scatter per tensor (not one small tensor per sample): it runs on every step.
     """
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
-    mask = torch.zeros(len(samples), width - 1)
-    behavior = torch.zeros(len(samples), width - 1)
-    for row, sample in enumerate(samples):
-        prompt_len, response_len = len(sample.prompt_ids), len(sample.response_ids)
-        input_ids[row, : prompt_len + response_len] = torch.tensor(sample.prompt_ids + sample.response_ids)
-        attention_mask[row, : prompt_len + response_len] = 1
-        mask[row, prompt_len - 1 : prompt_len - 1 + response_len] = 1
-        behavior[row, prompt_len - 1 : prompt_len - 1 + response_len] = torch.tensor(sample.behavior_log_probs)
-    advantages = torch.tensor([float(s.advantage) for s in samples])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask,
-            "behavior_log_probs": behavior, "advantages": advantages}
+    prompt_lens = np.array([len(s.prompt_ids) for s in samples])
+    response_lens = np.array([len(s.response_ids) for s in samples])
+    lengths = prompt_lens + response_lens
+    width = int(lengths.max())
+    columns = np.arange(width)
+    filled = columns < lengths[:, None]  # [batch, seq]: row-major order is the samples' token order
+    input_ids = np.full((len(samples), width), pad_token_id, dtype=np.int64)
+    input_ids[filled] = list(itertools.chain.from_iterable(s.prompt_ids + s.response_ids for s in samples))
+    # Response token k of a sample sits at position prompt_len + k, so it is scored at prompt_len - 1 + k.
+    scored = (columns[:-1] >= prompt_lens[:, None] - 1) & (columns[:-1] < lengths[:, None] - 1)  # [batch, seq - 1]
+    behavior = np.zeros((len(samples), width - 1), dtype=np.float32)
+    behavior[scored] = list(itertools.chain.from_iterable(s.behavior_log_probs for s in samples))
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(filled.astype(np.int64)),
+            "mask": torch.from_numpy(scored.astype(np.float32)), "behavior_log_probs": torch.from_numpy(behavior),
+            "advantages": torch.tensor([float(s.advantage) for s in samples])}
 
 
 def policy_outputs(model, batch: dict, temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,9 +188,15 @@ class Learner:
             **seconds,
         }
 
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the full weights (ZeRO stages 0-2 keep full parameters on every rank)."""
-        return {name: tensor.detach().cpu().clone() for name, tensor in self.engine.module.state_dict().items()}
+    def get_weights(self) -> np.ndarray:
+        """The full weights as one float32 array [parameters], in `state_dict` order (ZeRO stages 0-2 keep
+        full parameters on every rank); `Generator.load_weights` splits it by its own model's layout.
+
+        One numpy array, not a dict of tensors: Ray moves it without pickling its data. A sync of the
+        4.2M-parameter benchmark model took 50 ms as tensors, 14 ms as arrays.
+        """
+        state = self.engine.module.state_dict()
+        return torch.cat([tensor.detach().reshape(-1).to("cpu", torch.float32) for tensor in state.values()]).numpy()
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict], correct_fn, seed: int) -> dict[str, float]:
@@ -229,7 +239,8 @@ class Learner:
 
         path = Path(directory)
         if self.rank == 0:
-            weights = {k: v.contiguous() for k, v in self.get_weights().items() if k != "lm_head.weight" or
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.engine.module.state_dict().items()
+                       if k != "lm_head.weight" or
                        not self.engine.module.config.tie_word_embeddings}
             save_file(weights, str(path / "model.safetensors"))
         torch.save({"optimizer": self._torch_optimizer().state_dict(), "rng": torch.get_rng_state()},

@@ -108,7 +108,12 @@ class LocalTrainer:
                          RunMetric.GENERATOR_RESTARTS: 0, RunMetric.REQUEUED_JOBS: 0, RunMetric.GENERATE_SECONDS: 0.0}
         self.empty_jobs = 0  # consecutive jobs without a usable sample
         self.step_sync_seconds = 0.0  # generators' weight loads reported during this step
-        self.inflight: dict = {}  # ObjectRef -> (job, generator index, generator handle)
+        self.inflight: dict = {}  # report ObjectRef -> (job, generator index, generator handle, samples ObjectRef)
+        # The driver's copy of what the buffer holds, as [version, samples] per rollout, oldest first. The
+        # buffer applies the same staleness rule, so the launch rule needs no round trip to it.
+        self.buffered: deque[list[int]] = deque()
+        self.dropped_stale = 0
+        self.puts: list = []  # buffer.put results not yet checked (they are checked with the step's results)
         self.requeue: deque[Job] = deque()  # jobs whose generator died, launched again first
         self.consumed_uids: list[int] = []  # job uid of every trained sample, in order (tests check it)
         self.weights_ref = None
@@ -153,7 +158,7 @@ class LocalTrainer:
         self.generators = [self._new_generator(index) for index in range(config.num_generators)]
         # Wait until every actor is up, so start-up errors surface here and not mid-run.
         ray.get([g.ready.remote() for g in self.generators] + [r.get_weights.remote() for r in self.learners])
-        self._sync()
+        self._sync(self.version)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -166,27 +171,42 @@ class LocalTrainer:
             generator.load_weights.remote(self.weights_ref, self.synced_version)
         return generator
 
-    def _sync(self) -> None:
-        """Send the learners' current weights to every generator (applied before their next job)."""
+    def _sync(self, version: int) -> None:
+        """Send the weights the learners hold once their calls so far are done (policy `version`) to every
+        generator, applied before its next job. Neither the weights nor the wait pass through the driver."""
         self.weights_ref = self.learners[0].get_weights.remote()
-        self.synced_version = self.version
+        self.synced_version = version
         for generator in self.generators:
-            generator.load_weights.remote(self.weights_ref, self.version)
+            generator.load_weights.remote(self.weights_ref, version)
 
     # ----- generation ---------------------------------------------------------------------------
     def _fill(self, pending_train: int) -> None:
         """Launch jobs while `Staleness.may_launch` allows, onto the generator with the fewest jobs in flight."""
-        import ray
-
-        ahead = ray.get(self.buffer.evict_stale.remote(self.version))
-        ahead += len(self.inflight) * self.config.job_samples
+        ahead = self._usable() + len(self.inflight) * self.config.job_samples
         while self.staleness.may_launch(ahead, self.version, pending_train, self.synced_version):
             job = self.requeue.popleft() if self.requeue else self._new_job()
-            busy = [sum(1 for _, i, _ in self.inflight.values() if i == g) for g in range(len(self.generators))]
+            busy = [sum(1 for _, i, *_ in self.inflight.values() if i == g) for g in range(len(self.generators))]
             index = busy.index(min(busy))
-            ref = self.generators[index].generate.remote(job)
-            self.inflight[ref] = (job, index, self.generators[index])
+            report, samples = self.generators[index].generate.options(num_returns=2).remote(job)
+            self.inflight[report] = (job, index, self.generators[index], samples)
             ahead += self.config.job_samples
+
+    def _usable(self) -> int:
+        """Samples in the buffer that may train at the current version, after evicting (and counting) the
+        stale ones exactly as `ReplayBuffer.evict_stale` does."""
+        fresh = deque(entry for entry in self.buffered if self.staleness.admits(self.version - entry[0]))
+        self.dropped_stale += sum(count for _, count in self.buffered) - sum(count for _, count in fresh)
+        self.buffered = fresh
+        return sum(count for _, count in fresh)
+
+    def _take(self, count: int) -> None:
+        """Account for the buffer handing out its `count` oldest usable samples (call `_usable` first)."""
+        while count:
+            taken = min(count, self.buffered[0][1])
+            self.buffered[0][1] -= taken
+            count -= taken
+            if not self.buffered[0][1]:
+                self.buffered.popleft()
 
     def _new_job(self) -> Job:
         rows, count = self.task.train_rows, self.config.rollout_batch_size // self.config.num_generators
@@ -196,7 +216,8 @@ class LocalTrainer:
 
     def _collect(self, block: bool) -> None:
         """Move finished jobs into the buffer (`block`: wait for the oldest); a job whose generator died is
-        re-queued and the actor restarted."""
+        re-queued and the actor restarted. Samples go from generator to buffer by reference: the driver
+        reads only the job's report."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -212,7 +233,7 @@ class LocalTrainer:
         for ref in launched:
             if ref not in ready:
                 break
-            job, index, handle = self.inflight.pop(ref)
+            job, index, handle, samples = self.inflight.pop(ref)
             try:
                 rollout: Rollout = ray.get(ref)
             except RayActorError:
@@ -228,14 +249,16 @@ class LocalTrainer:
             self.counters[RunMetric.CLIPPED_REWARDS] += rollout.clipped_rewards
             self.counters[RunMetric.GENERATE_SECONDS] += rollout.seconds
             self.step_sync_seconds += rollout.sync_seconds
-            self.empty_jobs = 0 if rollout.samples else self.empty_jobs + 1
+            self.empty_jobs = 0 if rollout.kept else self.empty_jobs + 1
             if self.empty_jobs >= MAX_EMPTY_JOBS:
                 raise RuntimeError(
                     f"the last {self.empty_jobs} generation jobs gave no usable sample: every reward was NaN or inf "
                     f"({self.counters[RunMetric.DROPPED_NAN]} NaN and {self.counters[RunMetric.DROPPED_INF]} inf "
                     "rewards so far). Check the reward function.")
-            if rollout.samples:
-                ray.get(self.buffer.put.remote(rollout.samples))
+            if rollout.kept:
+                # Calls to one actor run in the order they are made: this put lands before the next take.
+                self.puts.append(self.buffer.put.remote(samples, self.version))
+                self.buffered.append([rollout.version, rollout.kept])
 
     # ----- training -----------------------------------------------------------------------------
     def train(self, steps: int) -> list[dict]:
@@ -248,7 +271,7 @@ class LocalTrainer:
                 break
             started = time.perf_counter()
             self._fill(pending_train=0)
-            while ray.get(self.buffer.evict_stale.remote(self.version)) < config.batch_samples:
+            while self._usable() < config.batch_samples:
                 if not self.inflight:
                     raise RuntimeError(f"cannot fill a batch of {config.batch_samples} samples: nothing in flight "
                                        f"and the buffer capacity ({self.staleness.capacity}) allows no new job")
@@ -257,17 +280,21 @@ class LocalTrainer:
             waited = time.perf_counter() - started
             summary, *shards = self.buffer.take_shards.options(num_returns=1 + config.num_learners).remote(
                 config.batch_samples, self.version, config.num_learners)
-            self._fill(pending_train=1)  # async: generators keep working while the learners train
-            results = ray.get([learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards,
-                                                                                          strict=True)])
+            self._take(config.batch_samples)
+            self._fill(pending_train=1)  # async: generators keep working on the current weights while the learners train
+            results = [learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards, strict=True)]
+            if (self.version + 1) % config.sync_every == 0:
+                # Queued behind the step: the learner hands its new weights to the generators and the jobs
+                # launched next run on them (on-policy: the next batch), with no wait in between.
+                self._sync(self.version + 1)
+                self._fill(pending_train=1)
+            summary, *results = ray.get([summary, *results, *self.puts])[:1 + len(results)]  # one wait per step
+            self.puts = []
             if len({result[Metric.ALPHA] for result in results}) != 1:  # the all-reduce must keep ranks identical
                 raise RuntimeError(f"learner ranks disagree on alpha: {[r[Metric.ALPHA] for r in results]}")
-            summary = ray.get(summary)
             self.version += 1
             self.step += 1
             self.consumed_uids.extend(summary["uid"])
-            if self.version % config.sync_every == 0:
-                self._sync()
             self._collect(block=False)
             timing = {RunMetric.WAIT_SECONDS: waited, RunMetric.SYNC_SECONDS: self.step_sync_seconds}
             self.step_sync_seconds = 0.0
@@ -288,7 +315,7 @@ class LocalTrainer:
             RunMetric.STALENESS_MEAN: sum(staleness) / len(staleness),
             RunMetric.STALENESS_MAX: max(staleness),
             RunMetric.SAMPLES_PER_SECOND: len(staleness) / seconds,
-            RunMetric.DROPPED_STALE: ray.get(self.buffer.evicted_count.remote()),
+            RunMetric.DROPPED_STALE: self.dropped_stale,
             **self.counters,
             RunMetric.SECONDS: time.time() - self.started,
         }
@@ -316,13 +343,18 @@ class LocalTrainer:
 
         while self.inflight:
             self._collect(block=True)
+        self._usable()  # both evict at this version, so the check below compares like with like
+        ray.get(self.buffer.evict_stale.remote(self.version))
         with self.run_dir.new_checkpoint(self.step, keep=self.config.max_ckpt_num) as directory:
             learner_state = ray.get([learner.save.remote(str(directory)) for learner in self.learners])[0]
             samples, evicted = ray.get(self.buffer.snapshot.remote())
+            if evicted != self.dropped_stale or len(samples) != sum(count for _, count in self.buffered):
+                raise RuntimeError(f"the driver's count of the buffer ({sum(c for _, c in self.buffered)} held, "
+                                   f"{self.dropped_stale} evicted) differs from the buffer ({len(samples)}, {evicted})")
             torch.save({"buffer": [dataclasses.asdict(sample) for sample in samples],
                         "requeue": [dataclasses.asdict(job) for job in self.requeue]}, directory / "rollouts.pt")
             state = {"step": self.step, "version": self.version, "next_uid": self.next_uid,
-                     "learner": learner_state, "dropped_stale": evicted, "prompt_rng": self.rng.bit_generator.state,
+                     "learner": learner_state, "dropped_stale": self.dropped_stale, "prompt_rng": self.rng.bit_generator.state,
                      "counters": {jsonl_key(name): value for name, value in self.counters.items()},
                      "seconds": time.time() - self.started}
             (directory / COMPLETE_MARK).write_text(json.dumps(state), encoding="utf-8")
@@ -339,9 +371,12 @@ class LocalTrainer:
         self.rng.bit_generator.state = state["prompt_rng"]
         self.started = time.time() - state["seconds"]
         rollouts = torch.load(directory / "rollouts.pt", weights_only=True)
-        ray.get(self.buffer.restore.remote([Sample(**s) for s in rollouts["buffer"]], state["dropped_stale"]))
+        samples = [Sample(**s) for s in rollouts["buffer"]]
+        ray.get(self.buffer.restore.remote(samples, state["dropped_stale"]))
+        self.dropped_stale = state["dropped_stale"]
+        self.buffered = deque([sample.version, 1] for sample in samples)
         self.requeue = deque(Job(**job) for job in rollouts["requeue"])
-        self._sync()
+        self._sync(self.version)
         logger.info("resumed from %s at step %d", directory, self.step)
 
     def close(self) -> None:
