@@ -281,7 +281,7 @@ class LocalTrainer:
             summary, *shards = self.buffer.take_shards.options(num_returns=1 + config.num_learners).remote(
                 config.batch_samples, self.version, config.num_learners)
             self._take(config.batch_samples)
-            self._fill(pending_train=1)  # async: generators keep working on the current weights while the learners train
+            self._fill(pending_train=1)  # async: generators keep working on the current weights during the step
             results = [learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards, strict=True)]
             if (self.version + 1) % config.sync_every == 0:
                 # Queued behind the step: the learner hands its new weights to the generators and the jobs
