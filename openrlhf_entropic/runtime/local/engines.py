@@ -297,7 +297,7 @@ class VLLMEngine:
         self.max_model_len = min(max_model_len or limit, limit)
         self.prefix_caching = enable_prefix_caching
         # KV cache for max_num_seqs full-length sequences (CPU blocks hold 128 tokens), at most kv_cache_gib:
-        # more only costs memory, and vLLM walks every block on each weight load (0.3 ms per 1k blocks).
+        # more would only cost memory (the old fixed 1 GiB was 32x what the embedded model needs).
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
