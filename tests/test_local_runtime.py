@@ -110,11 +110,11 @@ def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path)
     held = Counter(trainer.consumed_uids) + Counter(buffered)
     pending = [job.uid for job, *_ in trainer.inflight.values()] + [job.uid for job in trainer.requeue]
     dropped = ray.get(trainer.buffer.evicted_count.remote())
-    # The driver's count of the buffer (what its launch rule uses) matches the buffer after the same eviction.
+    # The driver's copy of the buffer (what its launch rule uses) matches the buffer after the same eviction.
     ray.get(trainer.buffer.evict_stale.remote(trainer.version))
-    trainer._usable()
-    assert trainer.dropped_stale == ray.get(trainer.buffer.evicted_count.remote())
-    assert sum(count for _, count in trainer.buffered) == ray.get(trainer.buffer.size.remote())
+    trainer.versions.evict_stale(trainer.version)
+    assert trainer.versions.evicted_count() == ray.get(trainer.buffer.evicted_count.remote())
+    assert trainer.versions.size() == ray.get(trainer.buffer.size.remote())
     assert len(trainer.consumed_uids) == 6 * 16
     assert max(held.values()) <= job_samples  # nothing counted twice
     assert sum(held.values()) + job_samples * len(pending) + dropped == trainer.next_uid * job_samples  # none lost

@@ -68,7 +68,11 @@ class Staleness:
 
 
 class ReplayBuffer:
-    """FIFO of `Sample`s, oldest first; run as a Ray actor or used in-process."""
+    """FIFO of `Sample`s, oldest first; run as a Ray actor or used in-process.
+
+    Only `version` (read) and `staleness` (set by `take`) are touched, so the trainer keeps an
+    in-process copy that holds one version tag per sample and decides launches without a call.
+    """
 
     def __init__(self, staleness: Staleness):
         if staleness.capacity < 1 or staleness.max_staleness < 0:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -109,10 +110,9 @@ class LocalTrainer:
         self.empty_jobs = 0  # consecutive jobs without a usable sample
         self.step_sync_seconds = 0.0  # generators' weight loads reported during this step
         self.inflight: dict = {}  # report ObjectRef -> (job, generator index, generator handle, samples ObjectRef)
-        # The driver's copy of what the buffer holds, as [version, samples] per rollout, oldest first. The
-        # buffer applies the same staleness rule, so the launch rule needs no round trip to it.
-        self.buffered: deque[list[int]] = deque()
-        self.dropped_stale = 0
+        # The driver's copy of the buffer: the same class and rule, holding each sample's version only, so the
+        # launch rule needs no round trip to the buffer actor.
+        self.versions = ReplayBuffer(self.staleness)
         self.puts: list = []  # buffer.put results not yet checked (they are checked with the step's results)
         self.requeue: deque[Job] = deque()  # jobs whose generator died, launched again first
         self.consumed_uids: list[int] = []  # job uid of every trained sample, in order (tests check it)
@@ -182,7 +182,7 @@ class LocalTrainer:
     # ----- generation ---------------------------------------------------------------------------
     def _fill(self, pending_train: int) -> None:
         """Launch jobs while `Staleness.may_launch` allows, onto the generator with the fewest jobs in flight."""
-        ahead = self._usable() + len(self.inflight) * self.config.job_samples
+        ahead = self.versions.evict_stale(self.version) + len(self.inflight) * self.config.job_samples
         while self.staleness.may_launch(ahead, self.version, pending_train, self.synced_version):
             job = self.requeue.popleft() if self.requeue else self._new_job()
             busy = [sum(1 for _, i, *_ in self.inflight.values() if i == g) for g in range(len(self.generators))]
@@ -190,23 +190,6 @@ class LocalTrainer:
             report, samples = self.generators[index].generate.options(num_returns=2).remote(job)
             self.inflight[report] = (job, index, self.generators[index], samples)
             ahead += self.config.job_samples
-
-    def _usable(self) -> int:
-        """Samples in the buffer that may train at the current version, after evicting (and counting) the
-        stale ones exactly as `ReplayBuffer.evict_stale` does."""
-        fresh = deque(entry for entry in self.buffered if self.staleness.admits(self.version - entry[0]))
-        self.dropped_stale += sum(count for _, count in self.buffered) - sum(count for _, count in fresh)
-        self.buffered = fresh
-        return sum(count for _, count in fresh)
-
-    def _take(self, count: int) -> None:
-        """Account for the buffer handing out its `count` oldest usable samples (call `_usable` first)."""
-        while count:
-            taken = min(count, self.buffered[0][1])
-            self.buffered[0][1] -= taken
-            count -= taken
-            if not self.buffered[0][1]:
-                self.buffered.popleft()
 
     def _new_job(self) -> Job:
         rows, count = self.task.train_rows, self.config.rollout_batch_size // self.config.num_generators
@@ -258,7 +241,7 @@ class LocalTrainer:
             if rollout.kept:
                 # Calls to one actor run in the order they are made: this put lands before the next take.
                 self.puts.append(self.buffer.put.remote(samples, self.version))
-                self.buffered.append([rollout.version, rollout.kept])
+                self.versions.put([SimpleNamespace(version=rollout.version)] * rollout.kept, self.version)
 
     # ----- training -----------------------------------------------------------------------------
     def train(self, steps: int) -> list[dict]:
@@ -271,7 +254,7 @@ class LocalTrainer:
                 break
             started = time.perf_counter()
             self._fill(pending_train=0)
-            while self._usable() < config.batch_samples:
+            while self.versions.evict_stale(self.version) < config.batch_samples:
                 if not self.inflight:
                     raise RuntimeError(f"cannot fill a batch of {config.batch_samples} samples: nothing in flight "
                                        f"and the buffer capacity ({self.staleness.capacity}) allows no new job")
@@ -280,7 +263,7 @@ class LocalTrainer:
             waited = time.perf_counter() - started
             summary, *shards = self.buffer.take_shards.options(num_returns=1 + config.num_learners).remote(
                 config.batch_samples, self.version, config.num_learners)
-            self._take(config.batch_samples)
+            self.versions.take(config.batch_samples, self.version)
             self._fill(pending_train=1)  # async: generators keep working on the current weights during the step
             results = [learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards, strict=True)]
             if (self.version + 1) % config.sync_every == 0:
@@ -315,7 +298,7 @@ class LocalTrainer:
             RunMetric.STALENESS_MEAN: sum(staleness) / len(staleness),
             RunMetric.STALENESS_MAX: max(staleness),
             RunMetric.SAMPLES_PER_SECOND: len(staleness) / seconds,
-            RunMetric.DROPPED_STALE: self.dropped_stale,
+            RunMetric.DROPPED_STALE: self.versions.evicted_count(),
             **self.counters,
             RunMetric.SECONDS: time.time() - self.started,
         }
@@ -343,18 +326,19 @@ class LocalTrainer:
 
         while self.inflight:
             self._collect(block=True)
-        self._usable()  # both evict at this version, so the check below compares like with like
+        self.versions.evict_stale(self.version)  # both evict at this version: the check below compares like with like
         ray.get(self.buffer.evict_stale.remote(self.version))
         with self.run_dir.new_checkpoint(self.step, keep=self.config.max_ckpt_num) as directory:
             learner_state = ray.get([learner.save.remote(str(directory)) for learner in self.learners])[0]
             samples, evicted = ray.get(self.buffer.snapshot.remote())
-            if evicted != self.dropped_stale or len(samples) != sum(count for _, count in self.buffered):
-                raise RuntimeError(f"the driver's count of the buffer ({sum(c for _, c in self.buffered)} held, "
-                                   f"{self.dropped_stale} evicted) differs from the buffer ({len(samples)}, {evicted})")
+            if (len(samples), evicted) != (self.versions.size(), self.versions.evicted_count()):
+                raise RuntimeError(f"the driver's copy of the buffer ({self.versions.size()} held, "
+                                   f"{self.versions.evicted_count()} evicted) differs from the buffer "
+                                   f"({len(samples)}, {evicted})")
             torch.save({"buffer": [dataclasses.asdict(sample) for sample in samples],
                         "requeue": [dataclasses.asdict(job) for job in self.requeue]}, directory / "rollouts.pt")
             state = {"step": self.step, "version": self.version, "next_uid": self.next_uid,
-                     "learner": learner_state, "dropped_stale": self.dropped_stale, "prompt_rng": self.rng.bit_generator.state,
+                     "learner": learner_state, "dropped_stale": evicted, "prompt_rng": self.rng.bit_generator.state,
                      "counters": {jsonl_key(name): value for name, value in self.counters.items()},
                      "seconds": time.time() - self.started}
             (directory / COMPLETE_MARK).write_text(json.dumps(state), encoding="utf-8")
@@ -373,8 +357,7 @@ class LocalTrainer:
         rollouts = torch.load(directory / "rollouts.pt", weights_only=True)
         samples = [Sample(**s) for s in rollouts["buffer"]]
         ray.get(self.buffer.restore.remote(samples, state["dropped_stale"]))
-        self.dropped_stale = state["dropped_stale"]
-        self.buffered = deque([sample.version, 1] for sample in samples)
+        self.versions.restore([SimpleNamespace(version=sample.version) for sample in samples], state["dropped_stale"])
         self.requeue = deque(Job(**job) for job in rollouts["requeue"])
         self._sync(self.version)
         logger.info("resumed from %s at step %d", directory, self.step)
