@@ -137,7 +137,9 @@ class Generator:
     def __init__(self, model_factory, reward_fn, run: RunConfig, cores: list[int] | None):
         threads = pin_to_cores(cores)
         model, self.tokenizer = model_factory()
+        # How `Learner.get_weights`' flat array splits: (name, shape) and size per tensor, in state_dict order.
         self.layout = [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
+        self.sizes = [math.prod(shape) for _, shape in self.layout]
         self.engine = build_engine(run.generator, model, self.tokenizer, threads, run.generator_dtype)
         self.reward_fn = reward_fn
         self.run = run
@@ -152,12 +154,12 @@ class Generator:
         """Load the learner's weights (`Learner.get_weights`: flat, in state_dict order) in place and record
         their policy version."""
         started = time.perf_counter()
-        sizes = [math.prod(shape) for _, shape in self.layout]
-        if weights.size != sum(sizes):
-            raise ValueError(f"{weights.size} weights for a model of {sum(sizes)}: learner and generator models differ")
+        if weights.size != sum(self.sizes):
+            raise ValueError(f"{weights.size} weights for a model of {sum(self.sizes)}: learner and generator "
+                             "models differ")
         with warnings.catch_warnings():  # Ray hands out a read-only array; the engines only copy from it
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            parts = torch.from_numpy(weights).split(sizes)
+            parts = torch.from_numpy(weights).split(self.sizes)
         self.engine.load_weights({name: part.view(shape) for (name, shape), part in zip(self.layout, parts,
                                                                                           strict=True)})
         self.sync_seconds += time.perf_counter() - started
