@@ -31,7 +31,8 @@ from openrlhf_entropic.runtime.local.config import RunConfig  # noqa: E402
 from openrlhf_entropic.runtime.local.learner import Learner  # noqa: E402
 from openrlhf_entropic.tasks import synthetic  # noqa: E402
 
-HEAVY = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl import HEAVY_MODEL  # noqa: E402  (the heavy model of the benchmark against TRL)
 
 
 def model_factory(config: str):
@@ -43,9 +44,8 @@ def model_factory(config: str):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        llama = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=HEAVY["num_attention_heads"],
-                            max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, **HEAVY)
+        llama = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, **HEAVY_MODEL)
         return LlamaForCausalLM(llama), tokenizer
     return build
 
