@@ -210,6 +210,21 @@ def test_generator_loads_the_learners_flat_weights_and_refuses_another_models(to
     assert generator.version == 3
 
 
+def test_generator_dtype_bfloat16_samples_with_bf16_weights_loaded_from_the_float32_learner(tokenizer):
+    from openrlhf_entropic.runtime.local.config import RunConfig
+    from openrlhf_entropic.runtime.local.generator import Generator
+
+    run = RunConfig(generator="hf", generator_dtype="bfloat16")
+    generator = Generator(lambda: (build_model(seed=0), tokenizer), None, run, None)
+    new = build_model(seed=1)  # float32, as the learner trains
+    generator.load_weights(torch.cat([t.reshape(-1) for t in new.state_dict().values()]).numpy(), version=1)
+    for name, tensor in generator.engine.model.state_dict().items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, new.state_dict()[name].to(torch.bfloat16)), name
+    results = generator.engine.sample(PROMPTS, 2, 1.0, 1.0, 4, seed=0)
+    check_shapes(results, PROMPTS, 2, 4)
+
+
 def test_engines_import_without_vllm():
     code = (
         "import sys; sys.modules['vllm'] = None\n"  # makes `import vllm` raise ImportError
