@@ -244,56 +244,81 @@ class LocalTrainer:
                 self.versions.put([SimpleNamespace(version=rollout.version)] * rollout.kept, self.version)
 
     # ----- training -----------------------------------------------------------------------------
-    def train(self, steps: int) -> list[dict]:
-        """Run `steps` training steps (stopping at --steps) and return their metrics.jsonl rows."""
-        import ray
+    def train(self, steps: int, on_step=None) -> list[dict]:
+        """Run `steps` training steps (stopping at --steps) and return their metrics.jsonl rows; `on_step(row)`
+        is called as each is logged.
 
-        config, rows = self.config, []
-        for _ in range(steps):
-            if self.step >= config.steps:
-                break
-            started = time.perf_counter()
-            self._fill(pending_train=0)
-            while self.versions.evict_stale(self.version) < config.batch_samples:
-                if not self.inflight:
-                    raise RuntimeError(f"cannot fill a batch of {config.batch_samples} samples: nothing in flight "
-                                       f"and the buffer capacity ({self.staleness.capacity}) allows no new job")
-                self._collect(block=True)
-                self._fill(pending_train=0)
-            waited = time.perf_counter() - started
-            summary, *shards = self.buffer.take_shards.options(num_returns=1 + config.num_learners).remote(
-                config.batch_samples, self.version, config.num_learners)
-            self.versions.take(config.batch_samples, self.version)
-            self._fill(pending_train=1)  # async: generators keep working on the current weights during the step
-            results = [learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards, strict=True)]
-            if (self.version + 1) % config.sync_every == 0:
-                # Queued behind the step: the learner hands its new weights to the generators and the jobs
-                # launched next run on them (on-policy: the next batch), with no wait in between.
-                self._sync(self.version + 1)
-                self._fill(pending_train=1)
-            summary, *results = ray.get([summary, *results, *self.puts])[:1 + len(results)]  # one wait per step
-            self.puts = []
-            if len({result[Metric.ALPHA] for result in results}) != 1:  # the all-reduce must keep ranks identical
-                raise RuntimeError(f"learner ranks disagree on alpha: {[r[Metric.ALPHA] for r in results]}")
-            self.version += 1
-            self.step += 1
-            self.consumed_uids.extend(summary["uid"])
-            self._collect(block=False)
-            timing = {RunMetric.WAIT_SECONDS: waited, RunMetric.SYNC_SECONDS: self.step_sync_seconds}
-            self.step_sync_seconds = 0.0
-            rows.append(self._log({**results[0], **timing}, summary, time.perf_counter() - started))
+        Step n + 1 is sent before step n's results are read, so the learners go from step to step without
+        waiting on the driver. Every decision (launches, batches, syncs) depends only on versions and counts,
+        so it is the one the unpipelined loop would take. A step after which a checkpoint is due, and the last
+        one of a call, are read before anything else is sent.
+        """
+        rows, pending = [], None
+        self.finished_at = time.perf_counter()
+        last = min(self.step + steps, self.config.steps)
+        while self.version < last:
+            sent = self._send_step()
+            if pending is not None:
+                rows.append(self._finish_step(pending, on_step))
+            pending = sent
+            if self.version == last or (self.config.save_steps > 0 and self.version % self.config.save_steps == 0):
+                rows.append(self._finish_step(pending, on_step))
+                pending = None
         return rows
 
-    def _log(self, metrics: dict[str, float], batch: dict[str, list], seconds: float) -> dict:
-        """Write one step to metrics.jsonl (keys after the slash) and TensorBoard (full names); checkpoint if due.
+    def _send_step(self) -> SimpleNamespace:
+        """Wait until a batch is in the buffer, then send step `self.version + 1`: its batch to the learners,
+        the weight sync and evaluation due after it, and the generation jobs it allows. Returns its pending refs."""
+        config = self.config
+        started = time.perf_counter()
+        self._fill(pending_train=0)
+        while self.versions.evict_stale(self.version) < config.batch_samples:
+            if not self.inflight:
+                raise RuntimeError(f"cannot fill a batch of {config.batch_samples} samples: nothing in flight "
+                                   f"and the buffer capacity ({self.staleness.capacity}) allows no new job")
+            self._collect(block=True)
+            self._fill(pending_train=0)
+        waited = time.perf_counter() - started
+        summary, *shards = self.buffer.take_shards.options(num_returns=1 + config.num_learners).remote(
+            config.batch_samples, self.version, config.num_learners)
+        self.versions.take(config.batch_samples, self.version)
+        self._fill(pending_train=1)  # async: generators keep working on the current weights during the step
+        results = [learner.train_step.remote(shard) for learner, shard in zip(self.learners, shards, strict=True)]
+        number = self.version + 1
+        if number % config.sync_every == 0:
+            # Queued behind the step: the learner hands its new weights to the generators and the jobs
+            # launched next run on them (on-policy: the next batch), with no wait in between.
+            self._sync(number)
+            self._fill(pending_train=1)
+        evaluation = None
+        if number % config.eval_steps == 0 or number == config.steps:  # queued before the next step changes the weights
+            evaluation = self.learners[0].evaluate.remote(self.task.eval_rows, self.task.correct_fn,
+                                                          seed=config.seed * 1_000_003 - number)
+        self.version = number
+        sent = SimpleNamespace(summary=summary, results=results, puts=self.puts, evaluation=evaluation, waited=waited)
+        self.puts = []  # checked with this step's results
+        return sent
 
-        `batch` is the buffer's summary of the step's samples: their "uid", "staleness" and "reward" lists.
-        """
+    def _finish_step(self, sent: SimpleNamespace, on_step) -> dict:
+        """Read a sent step's results (one wait), write it to metrics.jsonl (keys after the slash) and
+        TensorBoard (full names), checkpoint if due; returns its metrics.jsonl row."""
         import ray
 
+        refs = [sent.summary, *sent.results, *([sent.evaluation] if sent.evaluation else []), *sent.puts]
+        batch, *results = ray.get(refs)[:1 + len(sent.results) + bool(sent.evaluation)]
+        evaluation = results.pop() if sent.evaluation else {}
+        if len({result[Metric.ALPHA] for result in results}) != 1:  # the all-reduce must keep ranks identical
+            raise RuntimeError(f"learner ranks disagree on alpha: {[r[Metric.ALPHA] for r in results]}")
+        self.step += 1
+        self.consumed_uids.extend(batch["uid"])  # the buffer's summary of the batch: uid, staleness, reward lists
+        self._collect(block=False)
+        now = time.perf_counter()
+        seconds, self.finished_at = now - self.finished_at, now  # from the previous step's results: pipelined
         staleness = batch["staleness"]
         metrics = {
-            **metrics,
+            **results[0],
+            RunMetric.WAIT_SECONDS: sent.waited,
+            RunMetric.SYNC_SECONDS: self.step_sync_seconds,
             RunMetric.REWARD_MEAN: sum(batch["reward"]) / len(staleness),
             RunMetric.STALENESS_MEAN: sum(staleness) / len(staleness),
             RunMetric.STALENESS_MAX: max(staleness),
@@ -301,10 +326,9 @@ class LocalTrainer:
             RunMetric.DROPPED_STALE: self.versions.evicted_count(),
             **self.counters,
             RunMetric.SECONDS: time.time() - self.started,
+            **evaluation,
         }
-        if self.step % self.config.eval_steps == 0 or self.step == self.config.steps:
-            metrics.update(ray.get(self.learners[0].evaluate.remote(self.task.eval_rows, self.task.correct_fn,
-                                                                    seed=self.config.seed * 1_000_003 - self.step)))
+        self.step_sync_seconds = 0.0
         row = {"step": self.step, **{jsonl_key(name): value for name, value in metrics.items()}}
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -313,6 +337,8 @@ class LocalTrainer:
                 self.writer.add_scalar(name, value, self.step)
         if self.config.save_steps > 0 and self.step % self.config.save_steps == 0:
             self.save_checkpoint()
+        if on_step is not None:
+            on_step(row)
         return row
 
     # ----- checkpoints --------------------------------------------------------------------------
@@ -382,11 +408,12 @@ class LocalTrainer:
         interrupted = False
         try:
             with tqdm(total=config.steps, initial=self.step, desc="train", disable=config.no_progress) as bar:
-                while self.step < config.steps:
-                    row = self.train(1)[0]
+                def show(row: dict) -> None:
                     bar.update(1)
                     bar.set_postfix(H=f"{row['entropy']:.3f}", alpha=f"{row['alpha']:+.2f}",
                                     R=f"{row['reward_mean']:.2f}")
+
+                self.train(config.steps - self.step, on_step=show)
         except KeyboardInterrupt:  # keep what is finished: the summary covers the steps logged so far
             interrupted = True
         finally:
