@@ -8,6 +8,8 @@ the same model, task, reward, batch, learning rate, temperature, length, steps a
   (vLLM generator actor + DeepSpeed learner actor in Ray, `--generator vllm`, the default; another
   engine or weight dtype with `--ours-generator hf` / `--ours-generator-dtype bfloat16`);
 - ours, async: the same with `--mode async --max-staleness 4`;
+- ours, colocated: on-policy with `--colocate-all` (the learner is its own generator, in its process;
+  skipped for `--ours-generator hf --ours-generator-dtype bfloat16`, which that flag refuses);
 - TRL: `GRPOTrainer` in its own venv (default `.venv-trl` at the repo root, set up here on first use
   from `benchmarks/requirements-trl.txt`: torch 2.13.0 alone first, then trl 1.16.0 with
   transformers 5.15.0, accelerate, datasets), with its default generation (Hugging Face `generate`),
@@ -66,13 +68,15 @@ Differences that remain between the two setups (what each side does that the oth
    `--ours-generator-dtype bfloat16`, eager) in a Ray actor and sends the learner's weights to it
    (one flat float32 array) through the Ray object store every step; TRL calls HF
    `generate` on the training model in process (no weight sync, DynamicCache, pads prompts on the
-   left). Prompt tokens, EOS stopping and max new tokens are the same.
+   left). Prompt tokens, EOS stopping and max new tokens are the same. Ours colocated samples in the
+   learner's process: with `--ours-generator hf` from the training module itself, as TRL does;
+   with vLLM from an engine there that loads the new weights in memory.
 5. Optimizer: ours is DeepSpeed ZeRO stage 0 (one rank, gloo, CPU accelerator) wrapping torch AdamW, with
    DeepSpeed's gradient clipping; TRL is plain torch AdamW through accelerate (`use_cpu=True`) with
    `clip_grad_norm_`, and a constant LR scheduler (`lr_scheduler_type="constant"`; TRL's default
    would decay linearly).
 6. Process layout and overheads: ours runs 4 processes (driver, Ray GCS/raylet, generator and
-   learner actors, replay buffer actor) and pays Ray calls and (async) staleness bookkeeping per
+   learner actors, replay buffer actor; colocated, no generator actor) and pays Ray calls and (async) staleness bookkeeping per
    step; TRL is one process. Ours logs every step to metrics.jsonl and TensorBoard; TRL logs every
    step (`logging_steps=1`) through its PrinterCallback (stdout to a log file), no report_to.
 7. Evaluation: ours evaluates the eval split (48 prompts x 8 samples, HF generate) at the last step
@@ -327,8 +331,10 @@ def our_threads(mode: str) -> dict:
             "note": "generator and learner run at once, pinned to disjoint cores"}
 
 
-def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, generator: str, dtype: str) -> dict:
+def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, generator: str, dtype: str,
+             colocate: bool = False) -> dict:
     flags = ["--mode", mode, "--entropic.enable", "false"] + (["--max-staleness", "4"] if mode == "async" else [])
+    flags += ["--colocate-all"] if colocate else []
     cmd = [sys.executable, "-m", "openrlhf_entropic.cli.train", "--output-dir", str(run_dir), "--overwrite",
            "--no-progress", "--steps", str(steps), "--eval-steps", str(steps), "--seed", str(SEED),
            "--generator", generator, "--generator-dtype", dtype, "--rollout-batch-size", str(PROMPTS),
@@ -337,7 +343,7 @@ def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, gene
            "--eps-clip", str(CLIP), "--max-norm", "1.0", "--generate-max-len", str(config["generate_max_len"]),
            "--advantage", "grpo", *flags, *config["ours_flags"]]
     load = _loadavg()
-    log(f"{name}: ours {mode} ({steps} steps) -> {run_dir}")
+    log(f"{name}: ours {mode}{' colocated' if colocate else ''} ({steps} steps) -> {run_dir}")
     wall = _run_logged(cmd, run_dir.with_suffix(".log"))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     rows, previous = [], {"seconds": 0.0, "generate_seconds": 0.0}
@@ -585,6 +591,9 @@ def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, 
             engine = (args.ours_generator, args.ours_generator_dtype)
             runs["ours_on_policy"] = run_ours(name, config, "on_policy", steps, bench / name / "ours_on_policy", *engine)
             runs["ours_async"] = run_ours(name, config, "async", steps, bench / name / "ours_async", *engine)
+            if engine != ("hf", "bfloat16"):
+                runs["ours_colocated"] = run_ours(name, config, "on_policy", steps, bench / name / "ours_colocated",
+                                                  *engine, colocate=True)
         if not args.skip_trl:
             threads = ([int(t) for t in args.trl_threads.split(",")] if args.trl_threads
                        else [cores] + ([1] if name == "light" and cores > 1 else []))
@@ -592,21 +601,21 @@ def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, 
                 key = "trl" if count == cores else f"trl_{count}thread"
                 runs[key] = run_trl(name, config, steps, count, bench / name / key, trl_python)
         for key, label in (("ours_on_policy", "ours_samples_per_second"), ("ours_async", "ours_async_samples_per_second"),
-                           ("trl", "trl_samples_per_second")):
+                           ("ours_colocated", "ours_colocated_samples_per_second"), ("trl", "trl_samples_per_second")):
             if key in runs:
                 entry[label] = runs[key]["samples_per_second"]
         for key in runs:
             if key.startswith("trl_") and key.endswith("thread"):
                 entry[f"{key}_samples_per_second"] = runs[key]["samples_per_second"]
         if "trl" in runs:
-            for key in ("ours_on_policy", "ours_async"):
+            for key in ("ours_on_policy", "ours_async", "ours_colocated"):
                 if key in runs:
                     entry[f"speedup_{key}_vs_trl"] = runs[key]["samples_per_second"] / runs["trl"]["samples_per_second"]
         trl_runs = {key: run["samples_per_second"] for key, run in runs.items() if key.startswith("trl")}
         if trl_runs:  # against TRL's fastest thread count on this machine, not only T = cores
             best = max(trl_runs, key=trl_runs.get)
             entry["best_trl"] = {"run": best, "samples_per_second": trl_runs[best]}
-            for key in ("ours_on_policy", "ours_async"):
+            for key in ("ours_on_policy", "ours_async", "ours_colocated"):
                 if key in runs:
                     entry[f"speedup_{key}_vs_best_trl"] = runs[key]["samples_per_second"] / trl_runs[best]
         entry["threads"] = {key: run["threads"] for key, run in runs.items()}

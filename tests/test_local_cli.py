@@ -47,6 +47,10 @@ def test_impossible_flags_are_rejected_with_a_message(capsys):
     (["--generate-max-len", "0"], "--generate-max-len must be >= 1"),
     (["--resume", "--overwrite"], "pick one"),
     (["--pretrain", "/no/such/model"], "--pretrain /no/such/model: no such directory"),
+    (["--colocate-all", "--mode", "async"], "--colocate-all needs --mode on_policy"),
+    (["--colocate-all", "--num-learners", "2"], "--num-generators (1) must equal --num-learners (2)"),
+    (["--colocate-all", "--num-learners", "2", "--num-generators", "2"], "--generator vllm needs --num-learners 1"),
+    (["--colocate-all", "--generator", "hf", "--generator-dtype", "bfloat16"], "--generator-dtype must be float32"),
 ])
 def test_flags_that_would_fail_later_are_rejected_at_start_up(capsys, argv, message):
     assert message in rejected(capsys, *argv)

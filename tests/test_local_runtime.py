@@ -121,6 +121,22 @@ def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path)
     trainer.close()
 
 
+@pytest.mark.parametrize("engine, learners", [("vllm", "1"), ("hf", "2")])
+def test_colocated_learners_sample_and_train_exactly_as_generator_actors_do(cache, tmp_path, engine, learners):
+    """--colocate-all moves generation into the learners: the run must be the same, step for step. Without the
+    in-memory sync (vLLM) or the shared module (hf) the second batch would come from the first step's weights."""
+    flags = ["--steps", "3", "--entropic.enable", "--generator", engine, "--num-learners", learners,
+             "--num-generators", learners]
+    make_trainer(cache, tmp_path / "apart", *flags).run()
+    colocated = make_trainer(cache, tmp_path / "colocated", *flags, "--colocate-all")
+    colocated.setup()
+    assert colocated.generators == colocated.learners  # no generator actors
+    colocated.run()
+    for ours, theirs in zip(rows_of(tmp_path / "colocated"), rows_of(tmp_path / "apart"), strict=True):
+        for key in ("reward_mean", "entropy", "alpha", "policy_loss"):
+            assert ours[key] == theirs[key], (ours["step"], key)
+
+
 def test_file_data_with_nan_rewards_and_a_malformed_row(cache, tmp_path):
     from openrlhf_entropic.tasks import synthetic
 

@@ -43,6 +43,10 @@ class RunConfig:
         "benchmark model: 836 -> 417 ms with vLLM); behavior log-probs are then bf16 ones, so pi/mu is no "
         "longer exactly 1 at staleness 0. The learners always train in float32.", choices=("float32", "bfloat16")))
     num_learners: int = field(default=1, metadata=_flag("Data-parallel DeepSpeed learner ranks."))
+    colocate_all: bool = field(default=False, metadata=_flag(
+        "On-policy: every learner is also the generator, in its own process (OpenRLHF's --train.colocate_all). "
+        "Weights never leave the process: the hf engine samples from the training module itself, vLLM is "
+        "loaded in memory. No generator actors are started."))
     zero_stage: int | None = field(default=None, metadata=_flag(
         "DeepSpeed ZeRO stage of the learners (None: 0 with one learner, where partitioning has nothing to "
         "save, else 2).", choices=(0, 1, 2)))
@@ -125,6 +129,17 @@ class RunConfig:
             (self.mode == "async" or self.sync_every == 1, "on-policy needs --sync-every 1 (fresh weights every step)"),
             (self.sync_every >= 1, f"--sync-every must be >= 1, got {self.sync_every}"),
             (self.num_generators >= 1, f"--num-generators must be >= 1, got {self.num_generators}"),
+            (not self.colocate_all or self.mode == "on_policy",
+             "--colocate-all needs --mode on_policy: a learner that also generates cannot run ahead of itself"),
+            (not self.colocate_all or self.num_generators == self.num_learners,
+             f"--colocate-all makes every learner a generator: --num-generators ({self.num_generators}) must equal "
+             f"--num-learners ({self.num_learners})"),
+            (not self.colocate_all or self.generator != "vllm" or self.num_learners == 1,
+             "--colocate-all --generator vllm needs --num-learners 1: vLLM's engine claims the process's "
+             "torch.distributed group, which the learners' data parallelism needs (use --generator hf)"),
+            (not self.colocate_all or self.generator != "hf" or self.generator_dtype == "float32",
+             "--colocate-all --generator hf samples from the float32 training module: --generator-dtype must be "
+             "float32"),
             (min(self.rollout_batch_size, self.n_samples_per_prompt, self.train_batch_size,
                  self.micro_train_batch_size) >= 1,
              "--rollout-batch-size, --n-samples-per-prompt, --train-batch-size and --micro-train-batch-size "

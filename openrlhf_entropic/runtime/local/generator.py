@@ -134,13 +134,21 @@ class Generator:
     `generate` is always applied first: that is what makes on-policy (K = 0) exact.
     """
 
-    def __init__(self, model_factory, reward_fn, run: RunConfig, cores: list[int] | None):
+    def __init__(self, model_factory, reward_fn, run: RunConfig, cores: list[int] | None, training_model=None):
+        """`training_model` (--colocate-all): the (module, tokenizer) of the learner this generator lives in;
+        the hf engine samples from that module itself, vLLM starts from its weights."""
         threads = pin_to_cores(cores)
-        model, self.tokenizer = model_factory()
+        model, self.tokenizer = model_factory() if training_model is None else training_model
         # How `Learner.get_weights`' flat array splits: (name, shape) and size per tensor, in state_dict order.
         self.layout = [(name, tuple(tensor.shape)) for name, tensor in model.state_dict().items()]
         self.sizes = [math.prod(shape) for _, shape in self.layout]
-        self.engine = build_engine(run.generator, model, self.tokenizer, threads, run.generator_dtype)
+        self.shares_weights = training_model is not None and run.generator == "hf"  # then a sync is a no-op
+        if self.shares_weights:
+            from openrlhf_entropic.runtime.local.engines import HFEngine
+
+            self.engine = HFEngine(model, self.tokenizer)  # not build_engine's, which casts and sets eval mode
+        else:
+            self.engine = build_engine(run.generator, model, self.tokenizer, threads, run.generator_dtype)
         self.reward_fn = reward_fn
         self.run = run
         self.version = 0

@@ -29,7 +29,7 @@ from openrlhf_entropic.entropic import (
 from openrlhf_entropic.reporting.metrics import RunMetric
 from openrlhf_entropic.runtime.local.buffer import Sample
 from openrlhf_entropic.runtime.local.config import RunConfig
-from openrlhf_entropic.runtime.local.generator import pin_to_cores, sample_responses
+from openrlhf_entropic.runtime.local.generator import Generator, Job, Rollout, pin_to_cores, sample_responses
 
 
 def collate(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -76,7 +76,8 @@ class Learner:
     """One data-parallel rank: a DeepSpeed engine, the EntroPIC step, and the train/eval/checkpoint methods."""
 
     def __init__(self, rank: int, world_size: int, rendezvous: str, model_factory, run: RunConfig,
-                 entropic: EntroPICConfig, cores: list[int] | None):
+                 entropic: EntroPICConfig, cores: list[int] | None, reward_fn=None):
+        """`reward_fn` is needed with --colocate-all only: this rank then also generates (`generate`)."""
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
@@ -107,6 +108,8 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.entropic = EntroPICStep(entropic, reduce_fn=all_reduce_sum)
         self.version = 0
+        self.generator = Generator(None, reward_fn, run, cores, training_model=(self.engine.module, self.tokenizer)) \
+            if run.colocate_all else None
 
     def _measure(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_probs, entropy), both [batch, seq - 1], of the current policy over `batch`, micro-batch by micro-batch; no grad."""
@@ -197,6 +200,19 @@ class Learner:
         """
         state = self.engine.module.state_dict()
         return torch.cat([tensor.detach().reshape(-1).to("cpu", torch.float32) for tensor in state.values()]).numpy()
+
+    # --colocate-all: this rank is also its own generator (on-policy; it samples between its steps).
+    def generate(self, job: Job) -> tuple[Rollout, list[Sample]]:
+        """`Generator.generate`, in this process (call with num_returns=2)."""
+        return self.generator.generate(job)
+
+    def sync_generator(self, version: int) -> int:
+        """Hand the weights just trained (policy `version`) to this rank's generator, in memory. The hf engine
+        samples from the training module itself: it only takes the version."""
+        if self.generator.shares_weights:
+            self.generator.version = version
+            return version
+        return self.generator.load_weights(self.get_weights(), version)
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict], correct_fn, seed: int) -> dict[str, float]:

@@ -152,12 +152,15 @@ class LocalTrainer:
         learner_cls = ray.remote(num_cpus=0, num_gpus=config.learner_num_gpus)(Learner)
         self.learners = [
             learner_cls.remote(rank, config.num_learners, rendezvous, self.task.model_factory, config, self.entropic,
-                               self.learner_cores[rank])
+                               self.learner_cores[rank], self.task.reward_fn if config.colocate_all else None)
             for rank in range(config.num_learners)
         ]
-        self.generators = [self._new_generator(index) for index in range(config.num_generators)]
+        # --colocate-all: the learners generate too (their `generate` is the Generator's).
+        self.generators = list(self.learners) if config.colocate_all else [
+            self._new_generator(index) for index in range(config.num_generators)]
         # Wait until every actor is up, so start-up errors surface here and not mid-run.
-        ray.get([g.ready.remote() for g in self.generators] + [r.get_weights.remote() for r in self.learners])
+        ray.get([r.get_weights.remote() for r in self.learners] +
+                ([] if config.colocate_all else [g.ready.remote() for g in self.generators]))
         self._sync(self.version)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -174,8 +177,12 @@ class LocalTrainer:
     def _sync(self, version: int) -> None:
         """Send the weights the learners hold once their calls so far are done (policy `version`) to every
         generator, applied before its next job. Neither the weights nor the wait pass through the driver."""
-        self.weights_ref = self.learners[0].get_weights.remote()
         self.synced_version = version
+        if self.config.colocate_all:  # each learner's own generator, in memory
+            for learner in self.learners:
+                learner.sync_generator.remote(version)
+            return
+        self.weights_ref = self.learners[0].get_weights.remote()
         for generator in self.generators:
             generator.load_weights.remote(self.weights_ref, version)
 
@@ -220,6 +227,8 @@ class LocalTrainer:
             try:
                 rollout: Rollout = ray.get(ref)
             except RayActorError:
+                if self.config.colocate_all:  # the generator was a learner: its weights and optimizer are gone
+                    raise
                 if self.generators[index] is handle:  # first failed job of this actor: restart it
                     logger.warning("generator %d died; restarting it and re-queuing its jobs", index)
                     self.counters[RunMetric.GENERATOR_RESTARTS] += 1
