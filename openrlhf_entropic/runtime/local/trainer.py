@@ -313,16 +313,16 @@ class LocalTrainer:
         TensorBoard (full names), checkpoint if due; returns its metrics.jsonl row."""
         import ray
 
-        refs = [sent.summary, *sent.results, *([sent.evaluation] if sent.evaluation else []), *sent.puts]
-        batch, *results = ray.get(refs)[:1 + len(sent.results) + bool(sent.evaluation)]
-        evaluation = results.pop() if sent.evaluation else {}
+        batch, *results = ray.get([sent.summary, *sent.results, *sent.puts])[:1 + len(sent.results)]
+        # The step's time ends with its results: an evaluation queued behind it counts to the next step.
+        now, elapsed = time.perf_counter(), time.time() - self.started
+        seconds, self.finished_at = now - self.finished_at, now  # from the previous step's results: pipelined
+        evaluation = ray.get(sent.evaluation) if sent.evaluation else {}
         if len({result[Metric.ALPHA] for result in results}) != 1:  # the all-reduce must keep ranks identical
             raise RuntimeError(f"learner ranks disagree on alpha: {[r[Metric.ALPHA] for r in results]}")
         self.step += 1
         self.consumed_uids.extend(batch["uid"])  # the buffer's summary of the batch: uid, staleness, reward lists
         self._collect(block=False)
-        now = time.perf_counter()
-        seconds, self.finished_at = now - self.finished_at, now  # from the previous step's results: pipelined
         staleness = batch["staleness"]
         metrics = {
             **results[0],
@@ -334,7 +334,7 @@ class LocalTrainer:
             RunMetric.SAMPLES_PER_SECOND: len(staleness) / seconds,
             RunMetric.DROPPED_STALE: self.versions.evicted_count(),
             **self.counters,
-            RunMetric.SECONDS: time.time() - self.started,
+            RunMetric.SECONDS: elapsed,
             **evaluation,
         }
         self.step_sync_seconds = 0.0
