@@ -28,6 +28,8 @@ def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
+    if dist.get_world_size(group) == 1:  # the sum is the value itself: no gloo round trip
+        return values.detach().to(torch.float64).clone()
     # NCCL needs the tensor on the rank's GPU; gloo takes CPU tensors.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else values.device
     summed = values.detach().to(device=device, dtype=torch.float64).clone()
