@@ -37,8 +37,10 @@ micro-batch of 128, AdamW lr 2e-3 constant, betas (0.9, 0.999), eps 1e-8, no wei
 clipping 1.0, temperature 1.0, top-p 1, no top-k, 1 PPO epoch, clip 0.2, no KL (beta 0, no reference
 model), GRPO group advantages, fp32, seed 0, the same number of steps (`--steps`, default 300).
 
-Measure: samples/s over the second half of the steps (steady state), the same way on both sides:
-128 x (steps in the second half) / (wall time from the end of step N/2 to the end of step N).
+Measure: samples/s over the second half of the steps but the last (steady state), the same way on
+both sides: 128 x (steps in that window) / (wall time from the end of step N/2 to the end of step
+N - 1). The last step is left out: ours sends each step before reading the previous one's results,
+so its last step has no next one to overlap with and its final evaluation is queued behind it.
 Ours: `seconds` (since start) of metrics.jsonl; TRL: a TrainerCallback's clock at `on_step_end`.
 Each run's mean step time over that window is broken down: ours from metrics.jsonl
 (`generate_seconds` is cumulative time inside generate, per-step deltas; `train_seconds` is the time
@@ -282,12 +284,12 @@ def prepare_heavy(bench_dir: Path) -> dict:
 
 # ----- steady state ------------------------------------------------------------------------------
 def steady_state(rows: list[dict], parts: list[str]) -> dict:
-    """Samples/s over the second half of the steps and the mean per-step time of each part there.
+    """Samples/s over the second half of the steps but the last, and the mean per-step time of each part there.
 
     `rows` have `seconds` (a clock at the end of each step) and per-step values of `parts`.
     """
     half = len(rows) // 2
-    window, start = rows[half:], rows[half - 1]["seconds"]
+    window, start = rows[half:-1], rows[half - 1]["seconds"]
     wall = window[-1]["seconds"] - start
     result = {"samples_per_second": BATCH * len(window) / wall,
               "mean_of_step_samples_per_second": statistics.mean(BATCH / r["step_seconds"] for r in window),
@@ -354,7 +356,7 @@ def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, gene
                      "reward": m["reward_mean"], "staleness_mean": m["staleness_mean"]})
         previous = m
     result = steady_state(rows, ["generate_seconds", "train_seconds"])
-    window = rows[len(rows) // 2:]
+    window = rows[len(rows) // 2:-1]  # steady_state's window
     result["summary_samples_per_second"] = statistics.mean(r["metric_samples_per_second"] for r in window)
     result["staleness_mean"] = statistics.mean(r["staleness_mean"] for r in window)
     seconds = result["per_step_seconds"]
@@ -391,7 +393,7 @@ def run_trl(name: str, config: dict, steps: int, threads: int, run_dir: Path, tr
     seconds["other"] = (seconds["step"] - seconds["prepare_seconds"] - seconds["forward_backward_seconds"]
                         - seconds["optimizer_seconds"])
     result["completion_mean_length"] = statistics.mean(
-        r["completion_mean_length"] for r in rows[len(rows) // 2:] if r.get("completion_mean_length") is not None)
+        r["completion_mean_length"] for r in rows[len(rows) // 2:-1] if r.get("completion_mean_length") is not None)
     log(f"{name}: TRL {threads} thread(s): {result['samples_per_second']:.1f} samples/s (wall {wall:.0f} s)")
     return {**result, "threads": {"torch_threads": worker["torch_threads"], "omp_num_threads": threads},
             "startup_seconds": worker["startup_seconds"], "loadavg_before": load, "wall_seconds": wall,
@@ -509,7 +511,7 @@ def trl_worker(spec_file: str) -> None:
 # ----- main --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="Training steps of every run (>= 2).")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps of every run (>= 3).")
     parser.add_argument("--heavy-steps", type=int, default=None, help="Steps of the heavy runs (default: --steps).")
     parser.add_argument("--configs", default="light,heavy", help="Comma list of light, heavy.")
     parser.add_argument("--output-dir", default="runs/bench_vs_trl", help="Runs, logs, models (under runs/: ignored).")
@@ -534,8 +536,8 @@ def main() -> None:
     if not set(configs) <= {"light", "heavy"} or not configs:
         parser.error(f"--configs: choose from light, heavy (got {args.configs!r})")
     steps_of = {"light": args.steps, "heavy": args.heavy_steps or args.steps}
-    if min(steps_of[c] for c in configs) < 2:
-        parser.error("--steps must be >= 2 (the second half of the steps is measured)")
+    if min(steps_of[c] for c in configs) < 3:
+        parser.error("--steps must be >= 3 (the second half of the steps but the last is measured)")
     # Only the JSON goes to stdout: libraries imported on the way (DeepSpeed's accelerator notice, progress
     # bars) print to file descriptor 1, so it points at stderr until the report is printed.
     sys.stdout.flush()
@@ -575,7 +577,7 @@ def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, 
         "settings": {"prompts": PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT, "batch_samples": BATCH,
                      "learning_rate": LR, "temperature": TEMPERATURE, "ppo_epochs": 1, "kl_beta": 0.0, "seed": SEED,
                      "ours_generator": args.ours_generator, "ours_generator_dtype": args.ours_generator_dtype,
-                     "measured": "samples/s over the second half of the steps (wall clock at step ends)"},
+                     "measured": "samples/s over the second half of the steps but the last (wall clock at step ends)"},
         "configs": {},
     }
     for name in configs:
