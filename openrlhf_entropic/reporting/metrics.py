@@ -26,7 +26,7 @@ class RunMetric:
     BACKWARD_SECONDS = "perf/backward_seconds"
     OPTIMIZER_SECONDS = "perf/optimizer_seconds"
     WAIT_SECONDS = "perf/wait_seconds"  # driver, this step: blocked until the buffer held a batch
-    SYNC_SECONDS = "perf/sync_seconds"  # driver, this step: weight sync (learner -> object store -> generators)
+    SYNC_SECONDS = "perf/sync_seconds"  # generators, this step: loading weights (0 for hf with --colocate-all)
     SECONDS = "perf/seconds"
     EVAL_ENTROPY_TRUE = "eval/entropy_true"
     EVAL_PASS_AT_1 = "eval/pass_at_1"
