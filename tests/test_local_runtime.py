@@ -70,7 +70,8 @@ def copy_run_up_to(source, target, step):
     (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows_of(source)[:step + 1]))
 
 
-@pytest.mark.parametrize("mode", [["--mode", "on_policy"], ["--mode", "async", "--max-staleness", "2"]])
+@pytest.mark.parametrize("mode", [["--mode", "on_policy"], ["--mode", "async", "--max-staleness", "2"],
+                                  ["--mode", "on_policy", "--colocate-all", "--generator", "hf"]])
 def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(cache, tmp_path, mode):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     make_trainer(cache, full, "--steps", "6", "--save-steps", "3", "--entropic.enable", *mode).run()
