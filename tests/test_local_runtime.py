@@ -94,6 +94,26 @@ def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(cache, tmp_path
         make_trainer(cache, resumed, "--steps", "8", "--entropic.enable", "--entropic.kp", "9", "--resume", *mode).setup()
 
 
+def test_pipelined_steps_give_the_run_that_one_step_at_a_time_gives(cache, tmp_path):
+    """train(4) sends step k + 1 before reading step k; train(1) four times never does. The runs must be
+    the same, evaluations included: one queued behind step k + 1 instead of before it sees other weights."""
+    flags = ["--steps", "4", "--entropic.enable", "--mode", "async", "--max-staleness", "2", "--eval-steps", "1"]
+    pipelined = make_trainer(cache, tmp_path / "pipelined", *flags)
+    pipelined.setup()
+    pipelined.train(4)
+    pipelined.close()
+    stepwise = make_trainer(cache, tmp_path / "stepwise", *flags)
+    stepwise.setup()
+    for _ in range(4):
+        stepwise.train(1)
+    stepwise.close()
+    for ours, theirs in zip(rows_of(tmp_path / "pipelined"), rows_of(tmp_path / "stepwise"), strict=True):
+        assert "entropy_true" in ours
+        for key, value in theirs.items():
+            if not key.endswith("seconds") and key != "samples_per_second":
+                assert ours[key] == value, (ours["step"], key)
+
+
 def test_killed_generator_is_restarted_and_its_prompts_requeued(cache, tmp_path):
     trainer = make_trainer(cache, tmp_path, "--steps", "6", "--mode", "async", "--max-staleness", "2",
                            "--num-generators", "2", "--num-learners", "2", "--entropic.enable")
