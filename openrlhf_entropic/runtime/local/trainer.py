@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 # stops: a broken reward function must fail with a message, not leave the trainer waiting forever.
 MAX_EMPTY_JOBS = 16
 
+# Objects up to this size travel inside Ray's task messages instead of its shared-memory store (Ray's
+# default cut is 100 KiB). A store round trip cost ~2 ms here: storing the embedded model's weights
+# (336 KiB) every step kept an async learner off training for ~8 of 38 ms. Bigger models still use the store.
+INLINE_OBJECT_BYTES = 1 << 20
+
 
 # Run by a watcher process: while the driver lives, note its descendants (the Ray cluster it started);
 # once it is gone, kill those. Ray's own processes outlive a driver killed with SIGKILL (measured:
@@ -142,7 +147,8 @@ class LocalTrainer:
                 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
                 ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which imported ray already
                 ray.init(num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard,
-                         _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+                         _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                         _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
                 _stop_ray_when_this_process_dies()
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(self.staleness)
         # Learners meet through a file, not torch's TCP store (which listens on every interface).
@@ -176,7 +182,7 @@ class LocalTrainer:
 
     def _sync(self, version: int) -> None:
         """Send the weights the learners hold once their calls so far are done (policy `version`) to every
-        generator, applied before its next job. Neither the weights nor the wait pass through the driver."""
+        generator, applied before its next job. The driver neither unpacks the weights nor waits for them."""
         self.synced_version = version
         if self.config.colocate_all:  # each learner's own generator, in memory
             for learner in self.learners:
