@@ -13,14 +13,14 @@ ray = pytest.importorskip("ray")
 from openrlhf_entropic.cli.train import build_task, main, parse_args  # noqa: E402
 from openrlhf_entropic.reporting.metrics import RunMetric  # noqa: E402
 from openrlhf_entropic.runtime.local.run_dir import RunDirError  # noqa: E402
-from openrlhf_entropic.runtime.local.trainer import INLINE_OBJECT_BYTES, LocalTrainer  # noqa: E402
+from openrlhf_entropic.runtime.local.trainer import RAY_SYSTEM_CONFIG, LocalTrainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    # The transport the trainer sets up when it starts Ray itself: objects up to 1 MiB inside messages.
+    # The settings the trainer gives a Ray cluster it starts itself, so these runs use the same transport.
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
-             ignore_reinit_error=True, _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
+             ignore_reinit_error=True, _system_config=dict(RAY_SYSTEM_CONFIG))
     yield str(tmp_path_factory.mktemp("warm_start"))
     ray.shutdown()
 

@@ -37,11 +37,11 @@ logger = logging.getLogger(__name__)
 # stops: a broken reward function must fail with a message, not leave the trainer waiting forever.
 MAX_EMPTY_JOBS = 16
 
-# Objects up to this size travel inside Ray's task messages instead of its shared-memory store (Ray's
-# default cut is 100 KiB). A store round trip cost ~2 ms here: with the embedded model's weights (336 KiB)
-# stored every step, an async learner spent ~8.5 ms a step outside train_step, ~4.7 ms without. Bigger
-# models still use the store.
-INLINE_OBJECT_BYTES = 1 << 20
+# For a Ray cluster this trainer starts: objects up to 1 MiB travel inside Ray's task messages instead
+# of its shared-memory store (Ray's default cut is 100 KiB). A store round trip cost ~2 ms here: with the
+# embedded model's weights (336 KiB) stored every step, an async learner spent ~8.5 ms a step outside
+# train_step, ~4.7 ms without. Bigger models still use the store. (Ray adds keys to the dict it gets: pass a copy.)
+RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
 
 
 # Run by a watcher process: while the driver lives, note its descendants (the Ray cluster it started);
@@ -149,7 +149,7 @@ class LocalTrainer:
                 ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which imported ray already
                 ray.init(num_cpus=config.ray_num_cpus, include_dashboard=config.ray_dashboard,
                          _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
-                         _system_config={"max_direct_call_object_size": INLINE_OBJECT_BYTES})
+                         _system_config=dict(RAY_SYSTEM_CONFIG))
                 _stop_ray_when_this_process_dies()
         self.buffer = ray.remote(num_cpus=0)(ReplayBuffer).remote(self.staleness)
         # Learners meet through a file, not torch's TCP store (which listens on every interface).
