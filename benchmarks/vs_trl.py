@@ -283,13 +283,17 @@ def prepare_heavy(bench_dir: Path) -> dict:
 
 
 # ----- steady state ------------------------------------------------------------------------------
+def steady_window(rows: list[dict]) -> list[dict]:
+    """The measured steps: the second half but the last (see the module docstring)."""
+    return rows[len(rows) // 2:-1]
+
+
 def steady_state(rows: list[dict], parts: list[str]) -> dict:
-    """Samples/s over the second half of the steps but the last, and the mean per-step time of each part there.
+    """Samples/s over `steady_window(rows)` and the mean per-step time of each part there.
 
     `rows` have `seconds` (a clock at the end of each step) and per-step values of `parts`.
     """
-    half = len(rows) // 2
-    window, start = rows[half:-1], rows[half - 1]["seconds"]
+    window, start = steady_window(rows), rows[len(rows) // 2 - 1]["seconds"]
     wall = window[-1]["seconds"] - start
     result = {"samples_per_second": BATCH * len(window) / wall,
               "mean_of_step_samples_per_second": statistics.mean(BATCH / r["step_seconds"] for r in window),
@@ -356,7 +360,7 @@ def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, gene
                      "reward": m["reward_mean"], "staleness_mean": m["staleness_mean"]})
         previous = m
     result = steady_state(rows, ["generate_seconds", "train_seconds"])
-    window = rows[len(rows) // 2:-1]  # steady_state's window
+    window = steady_window(rows)
     result["summary_samples_per_second"] = statistics.mean(r["metric_samples_per_second"] for r in window)
     result["staleness_mean"] = statistics.mean(r["staleness_mean"] for r in window)
     seconds = result["per_step_seconds"]
@@ -393,7 +397,7 @@ def run_trl(name: str, config: dict, steps: int, threads: int, run_dir: Path, tr
     seconds["other"] = (seconds["step"] - seconds["prepare_seconds"] - seconds["forward_backward_seconds"]
                         - seconds["optimizer_seconds"])
     result["completion_mean_length"] = statistics.mean(
-        r["completion_mean_length"] for r in rows[len(rows) // 2:-1] if r.get("completion_mean_length") is not None)
+        r["completion_mean_length"] for r in steady_window(rows) if r.get("completion_mean_length") is not None)
     log(f"{name}: TRL {threads} thread(s): {result['samples_per_second']:.1f} samples/s (wall {wall:.0f} s)")
     return {**result, "threads": {"torch_threads": worker["torch_threads"], "omp_num_threads": threads},
             "startup_seconds": worker["startup_seconds"], "loadavg_before": load, "wall_seconds": wall,
