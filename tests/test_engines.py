@@ -258,8 +258,20 @@ def test_vllm_log_probs_equal_learner_on_fresh_weights(vllm_engine, model, tempe
     assert _children() <= CHILDREN_BEFORE_ENGINE  # the engine runs in this process
 
 
+def _linear_kernels(worker) -> list[str]:
+    """Run inside vLLM's worker: "torch" or "packed" for each CPU linear layer (output head included)."""
+    return ["torch" if layer.cpu_linear is torch.nn.functional.linear else "packed"
+            for layer in worker.model_runner.get_model().modules() if hasattr(layer, "cpu_linear")]
+
+
 @needs_vllm
-def test_vllm_follows_loaded_weights(vllm_engine, model):
+# Small float32 layers run on torch's linear (this model's all are), bigger ones on a packed oneDNN kernel that
+# a sync must rebuild: a 0-byte limit puts every layer on the packed path from the first load on.
+@pytest.mark.parametrize(("plain_linear_max_bytes", "kernel"), [(64 * 1024, "torch"), (0, "packed")])
+def test_vllm_follows_loaded_weights(vllm_engine, model, monkeypatch, plain_linear_max_bytes, kernel):
+    from openrlhf_entropic.runtime.local import engines
+
+    monkeypatch.setattr(engines, "_PLAIN_LINEAR_MAX_BYTES", plain_linear_max_bytes)
     old_state = model.state_dict()
     try:
         for seed, keep_head in [(1, True), (2, False)]:  # tied: lm_head.weight present or not
@@ -268,6 +280,7 @@ def test_vllm_follows_loaded_weights(vllm_engine, model):
             if not keep_head:
                 state.pop("lm_head.weight")
             vllm_engine.load_weights(state)
+            assert set(vllm_engine.llm.collective_rpc(_linear_kernels)[0]) == {kernel}
             results = vllm_engine.sample(PROMPTS, 4, 0.7, 1.0, 12, seed=0)
             assert max_gap(new, PROMPTS, results, 4, 0.7) <= 1e-5
             assert max_gap(model, PROMPTS, results, 4, 0.7) > 1e-2  # not the old weights
