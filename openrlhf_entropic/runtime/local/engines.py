@@ -214,15 +214,15 @@ def _keep_cpu_weights() -> None:
     if getattr(pack, "keeps_weight", False):
         return
 
-    def pack_keeping_weight(layer, remove_weight: bool) -> None:
+    def dispatch_keeping_weight(layer, remove_weight: bool) -> None:
         weight = layer.weight
         if weight.dtype == torch.float32 and weight.ndim == 2 and weight.nbytes <= _PLAIN_LINEAR_MAX_BYTES:
             layer.cpu_linear = torch.nn.functional.linear  # called as (x, weight, bias), weight = layer.weight
         else:
             pack(layer, remove_weight=False)
 
-    pack_keeping_weight.keeps_weight = True
-    layer_utils.dispatch_cpu_unquantized_gemm = pack_keeping_weight
+    dispatch_keeping_weight.keeps_weight = True
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
 
 
 class _ExpectedWarnings(logging.Filter):
