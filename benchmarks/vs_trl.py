@@ -42,6 +42,9 @@ both sides: 128 x (steps in that window) / (wall time from the end of step N/2 t
 N - 1). The last step is left out: ours sends each step before reading the previous one's results,
 so its last step has no next one to overlap with and its final evaluation is queued behind it.
 Ours: `seconds` (since start) of metrics.jsonl; TRL: a TrainerCallback's clock at `on_step_end`.
+`--rounds N` repeats each configuration's runs N times, TRL first in odd rounds (a drift of the
+machine's speed then favours neither side); the report gives each samples/s and each ratio as the
+median over rounds (ratios are taken within a round) and every round's figures under `rounds`.
 Each run's mean step time over that window is broken down: ours from metrics.jsonl
 (`generate_seconds` is cumulative time inside generate, per-step deltas; `train_seconds` is the time
 inside the learners), TRL from timers around `_generate_single_turn` (HF generate),
@@ -91,15 +94,16 @@ Differences that remain between the two setups (what each side does that the oth
    torch's RNG seeded per job on ours and from TRL's global torch RNG. So both sides learn the same
    task but not the same trajectory; the reward of the window is reported as a sanity check.
 9. Dropout: both models have none (Llama attention_dropout 0). TRL keeps `disable_dropout=False`.
-10. Machine: the runs execute one after the other, not interleaved; the machine may be shared, so
-    the load average before each run is reported beside its result. Runs whose process uses every
-    core with 2+ torch threads (ours on-policy, TRL at T = cores) suffer most from other load: a
-    descheduled OpenMP thread stalls each parallel region. Single-thread processes (ours async,
-    TRL at 1 thread) barely notice. `median_step_samples_per_second` is reported beside the
-    wall-clock rate for that reason.
+10. Machine: the runs execute one after the other (with `--rounds`, in alternating order); the
+    machine may be shared, so the load average before each run is reported beside its result. Runs
+    whose process uses every core with 2+ torch threads (ours on-policy, TRL at T = cores) suffer
+    most from other load: a descheduled OpenMP thread stalls each parallel region. Single-thread
+    processes (ours async, TRL at 1 thread) barely notice. `median_step_samples_per_second` is
+    reported beside the wall-clock rate for that reason.
 11. The async run trains on samples up to 4 versions stale; the on-policy run and TRL never do.
 
-    .venv/bin/python benchmarks/vs_trl.py [--steps 300] [--configs light,heavy] [--output-dir runs/bench_vs_trl]
+    .venv/bin/python benchmarks/vs_trl.py [--steps 300] [--configs light,heavy] [--rounds 1]
+                                          [--output-dir runs/bench_vs_trl]
     .venv/bin/python benchmarks/vs_trl.py --setup-only        # only create / check the TRL venv
 """
 
@@ -348,8 +352,8 @@ def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, gene
            "--max-epochs", "1", "--actor-learning-rate", str(LR), "--temperature", str(TEMPERATURE), "--top-p", "1",
            "--eps-clip", str(CLIP), "--max-norm", "1.0", "--generate-max-len", str(config["generate_max_len"]),
            "--advantage", "grpo", *flags, *config["ours_flags"]]
-    load = _loadavg()
-    log(f"{name}: ours {mode}{' colocated' if colocate else ''} ({steps} steps) -> {run_dir}")
+    load, label = _loadavg(), f"{mode} colocated" if colocate else mode
+    log(f"{name}: ours {label} ({steps} steps) -> {run_dir}")
     wall = _run_logged(cmd, run_dir.with_suffix(".log"))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     rows, previous = [], {"seconds": 0.0, "generate_seconds": 0.0}
@@ -368,7 +372,7 @@ def run_ours(name: str, config: dict, mode: str, steps: int, run_dir: Path, gene
         seconds["other"] = seconds["step"] - seconds["generate_seconds"] - seconds["train_seconds"]
     else:
         seconds["note"] = "async: generation overlaps training, so generate + train may exceed the step"
-    log(f"{name}: ours {mode}: {result['samples_per_second']:.1f} samples/s (wall {wall:.0f} s)")
+    log(f"{name}: ours {label}: {result['samples_per_second']:.1f} samples/s (wall {wall:.0f} s)")
     return {**result, "threads": our_threads(mode), "loadavg_before": load, "wall_seconds": wall,
             "command": " ".join(cmd[1:]), "rows": rows}
 
@@ -527,6 +531,9 @@ def main() -> None:
                         help="Our generators' engine (--generator; default vllm, the embedded default).")
     parser.add_argument("--ours-generator-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="Our generators' weight dtype (--generator-dtype); the learners train in float32.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Repeat every configuration's runs this many times, TRL first in odd rounds; the "
+                             "report gives medians over rounds and each round's figures.")
     parser.add_argument("--skip-ours", action="store_true", help="Run TRL only.")
     parser.add_argument("--skip-trl", action="store_true", help="Run ours only.")
     parser.add_argument("--print-steps", action="store_true", help="Put the per-step rows in the printed JSON too.")
@@ -539,6 +546,8 @@ def main() -> None:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not set(configs) <= {"light", "heavy"} or not configs:
         parser.error(f"--configs: choose from light, heavy (got {args.configs!r})")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     steps_of = {"light": args.steps, "heavy": args.heavy_steps or args.steps}
     if min(steps_of[c] for c in configs) < 3:
         parser.error("--steps must be >= 3 (the second half of the steps but the last is measured)")
@@ -554,6 +563,51 @@ def main() -> None:
         os.dup2(saved_stdout, 1)
         os.close(saved_stdout)
     print(json.dumps(report, indent=2))
+
+
+def run_round(args: argparse.Namespace, name: str, config: dict, steps: int, out_dir: Path, trl_python: Path | None,
+              trl_first: bool) -> dict[str, dict]:
+    """One round of a configuration: ours (on-policy, async, colocated) and TRL (each thread count), in that
+    order or TRL first; returns {run key: result}, keys as in the report."""
+    cores = len(os.sched_getaffinity(0))
+    ours: dict[str, dict] = {}
+    trl: dict[str, dict] = {}
+
+    def run_all_ours() -> None:
+        engine = (args.ours_generator, args.ours_generator_dtype)
+        ours["ours_on_policy"] = run_ours(name, config, "on_policy", steps, out_dir / "ours_on_policy", *engine)
+        ours["ours_async"] = run_ours(name, config, "async", steps, out_dir / "ours_async", *engine)
+        if engine != ("hf", "bfloat16"):
+            ours["ours_colocated"] = run_ours(name, config, "on_policy", steps, out_dir / "ours_colocated", *engine,
+                                              colocate=True)
+
+    def run_all_trl() -> None:
+        threads = ([int(t) for t in args.trl_threads.split(",")] if args.trl_threads
+                   else [cores] + ([1] if name == "light" and cores > 1 else []))
+        for count in threads:
+            key = "trl" if count == cores else f"trl_{count}thread"
+            trl[key] = run_trl(name, config, steps, count, out_dir / key, trl_python)
+
+    sides = [run_all_ours] * (not args.skip_ours) + [run_all_trl] * (not args.skip_trl)
+    for side in reversed(sides) if trl_first else sides:
+        side()
+    return {**ours, **trl}
+
+
+def compare(runs: dict[str, dict]) -> dict:
+    """Within one round: TRL's fastest run (any thread count) and our samples/s over TRL's, as
+    `speedup_<our run>_vs_trl` (TRL at T = cores) and `speedup_<our run>_vs_best_trl`."""
+    trl_runs = {key: run["samples_per_second"] for key, run in runs.items() if key.startswith("trl")}
+    if not trl_runs:
+        return {}
+    best = max(trl_runs, key=trl_runs.get)
+    result = {"best_trl": {"run": best, "samples_per_second": trl_runs[best]}}
+    for key in ("ours_on_policy", "ours_async", "ours_colocated"):
+        if key in runs:
+            if "trl" in runs:
+                result[f"speedup_{key}_vs_trl"] = runs[key]["samples_per_second"] / trl_runs["trl"]
+            result[f"speedup_{key}_vs_best_trl"] = runs[key]["samples_per_second"] / trl_runs[best]
+    return result
 
 
 def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, int]) -> dict:
@@ -592,48 +646,42 @@ def benchmark(args: argparse.Namespace, configs: list[str], steps_of: dict[str, 
         for key in ("warm_start_mean_response_tokens", "warm_start_mean_reward"):
             if key in config:
                 entry[key] = config[key]
-        runs: dict[str, dict] = {}
-        if not args.skip_ours:
-            engine = (args.ours_generator, args.ours_generator_dtype)
-            runs["ours_on_policy"] = run_ours(name, config, "on_policy", steps, bench / name / "ours_on_policy", *engine)
-            runs["ours_async"] = run_ours(name, config, "async", steps, bench / name / "ours_async", *engine)
-            if engine != ("hf", "bfloat16"):
-                runs["ours_colocated"] = run_ours(name, config, "on_policy", steps, bench / name / "ours_colocated",
-                                                  *engine, colocate=True)
-        if not args.skip_trl:
-            threads = ([int(t) for t in args.trl_threads.split(",")] if args.trl_threads
-                       else [cores] + ([1] if name == "light" and cores > 1 else []))
-            for count in threads:
-                key = "trl" if count == cores else f"trl_{count}thread"
-                runs[key] = run_trl(name, config, steps, count, bench / name / key, trl_python)
+        rounds = []
+        for index in range(args.rounds):
+            round_dir = bench / name / f"round_{index}" if args.rounds > 1 else bench / name
+            # Odd rounds run TRL first: a drift of the machine's speed then favours neither side.
+            rounds.append(run_round(args, name, config, steps, round_dir, trl_python, trl_first=index % 2 == 1))
         for key, label in (("ours_on_policy", "ours_samples_per_second"), ("ours_async", "ours_async_samples_per_second"),
                            ("ours_colocated", "ours_colocated_samples_per_second"), ("trl", "trl_samples_per_second")):
-            if key in runs:
-                entry[label] = runs[key]["samples_per_second"]
-        for key in runs:
+            if key in rounds[0]:
+                entry[label] = statistics.median(runs[key]["samples_per_second"] for runs in rounds)
+        for key in rounds[0]:
             if key.startswith("trl_") and key.endswith("thread"):
-                entry[f"{key}_samples_per_second"] = runs[key]["samples_per_second"]
-        if "trl" in runs:
-            for key in ("ours_on_policy", "ours_async", "ours_colocated"):
-                if key in runs:
-                    entry[f"speedup_{key}_vs_trl"] = runs[key]["samples_per_second"] / runs["trl"]["samples_per_second"]
-        trl_runs = {key: run["samples_per_second"] for key, run in runs.items() if key.startswith("trl")}
-        if trl_runs:  # against TRL's fastest thread count on this machine, not only T = cores
-            best = max(trl_runs, key=trl_runs.get)
-            entry["best_trl"] = {"run": best, "samples_per_second": trl_runs[best]}
-            for key in ("ours_on_policy", "ours_async", "ours_colocated"):
-                if key in runs:
-                    entry[f"speedup_{key}_vs_best_trl"] = runs[key]["samples_per_second"] / trl_runs[best]
-        entry["threads"] = {key: run["threads"] for key, run in runs.items()}
-        entry["runs"] = runs
+                entry[f"{key}_samples_per_second"] = statistics.median(
+                    runs[key]["samples_per_second"] for runs in rounds)
+        comparisons = [compare(runs) for runs in rounds]
+        for key in comparisons[0]:
+            values = [comparison[key] for comparison in comparisons]
+            if key == "best_trl":
+                entry[key] = values if args.rounds > 1 else values[0]
+                continue
+            entry[key] = statistics.median(values)
+            if args.rounds > 1:
+                entry[f"{key}_per_round"] = values
+        entry["threads"] = {key: run["threads"] for key, run in rounds[0].items()}
+        if args.rounds > 1:
+            entry["rounds"] = rounds
+        else:
+            entry["runs"] = rounds[0]
         report["configs"][name] = entry
     report["total_seconds"] = time.perf_counter() - started
     report["machine"]["loadavg_end"] = _loadavg()
     (bench / "vs_trl.json").write_text(json.dumps(report, indent=2))
     if not args.print_steps:
         for entry in report["configs"].values():
-            for run in entry["runs"].values():
-                run.pop("rows")
+            for runs in entry.get("rounds", [entry.get("runs")]):
+                for run in runs.values():
+                    run.pop("rows")
     report["full_report"] = str(bench / "vs_trl.json")
     return report
 
