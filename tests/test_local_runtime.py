@@ -199,7 +199,7 @@ def test_a_reward_function_that_only_returns_nan_stops_the_run_with_the_counts(c
                      str(reward)).run()
 
 
-def test_ctrl_c_prints_one_line_keeps_what_is_finished_and_exits_130(cache, tmp_path):
+def test_ctrl_c_stops_after_the_step_keeps_what_is_finished_and_exits_130(cache, tmp_path):
     import signal
     import subprocess
     import sys
@@ -218,6 +218,7 @@ def test_ctrl_c_prints_one_line_keeps_what_is_finished_and_exits_130(cache, tmp_
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
+    assert "[train] Ctrl-C: stopping after this step" in stderr  # the handler, not a bare KeyboardInterrupt
     assert "[train] interrupted" in stderr and "Traceback" not in stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["steps"] == len(rows_of(run_dir)) >= 2

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -169,6 +170,7 @@ if __name__ == "__main__":
     try:
         print(json.dumps(main(sys.argv[1:]), indent=2))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more Ctrl-C would only break Ray's shutdown at exit
         print("[train] interrupted: the steps logged so far, their checkpoints and summary.json are kept", file=sys.stderr)
         sys.exit(130)
     except (InputError, RunDirError) as error:  # bad input or a folder that holds another run: no traceback

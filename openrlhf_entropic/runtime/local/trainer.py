@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -421,20 +423,42 @@ class LocalTrainer:
         config = self.config
         if not hasattr(self, "learners"):
             self.setup()
-        interrupted = False
-        try:
-            with tqdm(total=config.steps, initial=self.step, desc="train", disable=config.no_progress) as bar:
-                def show(row: dict) -> None:
-                    bar.update(1)
-                    bar.set_postfix(H=f"{row['entropy']:.3f}", alpha=f"{row['alpha']:+.2f}",
-                                    R=f"{row['reward_mean']:.2f}")
+        interrupted, ctrl_c = False, SimpleNamespace(asked=False, closing=False)
 
-                self.train(config.steps - self.step, on_step=show)
-        except KeyboardInterrupt:  # keep what is finished: the summary covers the steps logged so far
-            interrupted = True
+        def on_ctrl_c(signum, frame) -> None:
+            # Raised here, a KeyboardInterrupt lands in whatever runs at that moment, and a __del__ or a
+            # C callback can drop it (a CI run once trained on to its last step after Ctrl-C). So the first
+            # Ctrl-C only asks: the loop stops after the step in flight. A second one stops at once,
+            # unless the actors are being stopped and the summary written already (a moment).
+            if ctrl_c.closing:
+                return
+            if ctrl_c.asked:
+                raise KeyboardInterrupt
+            ctrl_c.asked = True
+            os.write(2, b"[train] Ctrl-C: stopping after this step (again: at once)\n")
+
+        on_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's condition
+        previous_handler = signal.signal(signal.SIGINT, on_ctrl_c) if on_main_thread else None
+        try:
+            try:
+                with tqdm(total=config.steps, initial=self.step, desc="train", disable=config.no_progress) as bar:
+                    def show(row: dict) -> None:
+                        bar.update(1)
+                        bar.set_postfix(H=f"{row['entropy']:.3f}", alpha=f"{row['alpha']:+.2f}",
+                                        R=f"{row['reward_mean']:.2f}")
+                        if ctrl_c.asked:
+                            raise KeyboardInterrupt
+
+                    self.train(config.steps - self.step, on_step=show)
+            except KeyboardInterrupt:  # keep what is finished: the summary covers the steps logged so far
+                interrupted = True
+            finally:
+                ctrl_c.closing = True
+                self.close()
+            summary = self.write_summary(interrupted)
         finally:
-            self.close()
-        summary = self.write_summary(interrupted)
+            if on_main_thread:
+                signal.signal(signal.SIGINT, previous_handler or signal.default_int_handler)
         if interrupted:
             raise KeyboardInterrupt
         return summary
