@@ -417,7 +417,11 @@ class LocalTrainer:
 
     # ----- the whole run ------------------------------------------------------------------------
     def run(self) -> dict:
-        """Set up (unless done), optionally resume, train to --steps with a progress bar, write summary.json."""
+        """Set up (unless done), optionally resume, train to --steps with a progress bar, write summary.json.
+
+        Ctrl-C (on the main thread) stops after the step in flight, a second one at once; either way the
+        actors are stopped, summary.json is written with interrupted = true and KeyboardInterrupt is raised.
+        """
         from tqdm import tqdm
 
         config = self.config
@@ -429,7 +433,7 @@ class LocalTrainer:
             # Raised here, a KeyboardInterrupt lands in whatever runs at that moment, and a __del__ or a
             # C callback can drop it (a CI run once trained on to its last step after Ctrl-C). So the first
             # Ctrl-C only asks: the loop stops after the step in flight. A second one stops at once,
-            # unless the actors are being stopped and the summary written already (a moment).
+            # except once the actors are stopping and the summary is being written (a moment).
             if ctrl_c.closing:
                 return
             if ctrl_c.asked:
