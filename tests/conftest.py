@@ -5,28 +5,18 @@ gRPC after `ray.shutdown()`, the TCPStore server of a destroyed gloo group). Fre
 and C++ statics under them crashed one CI run after "328 passed" (a segfault: make exit 2).
 """
 
+import atexit
 import os
 import sys
 
-import pytest
 
-SESSION = pytest.StashKey[pytest.Session]()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    # Cleanups run last-in first-out and this one is registered first: it runs after all of pytest's own.
-    config.add_cleanup(lambda: exit_now(config))
+def pytest_sessionfinish(session):
+    # atexit runs the last-registered first, once pytest has returned: its reports and cleanups are done.
+    atexit.register(end_process, session)
 
 
-def pytest_sessionstart(session):
-    session.config.stash[SESSION] = session
-
-
-def exit_now(config) -> None:
-    """End the process with the session's exit status; a no-op if no session ran (usage errors)."""
-    if SESSION not in config.stash:
-        return
+def end_process(session) -> None:
+    """End the process with the session's exit status, skipping the other exit handlers and the teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(int(config.stash[SESSION].exitstatus))
+    os._exit(int(session.exitstatus))
